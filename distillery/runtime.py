@@ -1,0 +1,69 @@
+"""Process-wide settings that keep the stack quiet and offline-safe.
+
+`configure()` is called once by the CLI, the flows and the tests before heavy libraries are
+imported. It only sets defaults (``os.environ.setdefault``): a user who *does* have the Hugging
+Face hub, or wants telemetry, overrides them in the environment. See docs in README "Offline".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import platformdirs
+
+_DONE = False
+
+
+def data_dir() -> Path:
+    """Per-user data folder (demo workdir, Ultralytics settings, Prefect home by default)."""
+    return Path(os.environ.get("DISTILLERY_HOME", platformdirs.user_data_dir("distillery")))
+
+
+def configure(offline: bool | None = None) -> None:
+    """Set telemetry-off defaults and make Ultralytics safe to use with no network.
+
+    offline: when True also set ``HF_HUB_OFFLINE``/``YOLO_OFFLINE`` so a missing model fails fast
+    instead of trying the network. Default: ``DISTILLERY_OFFLINE`` env var (tests set it).
+    """
+    global _DONE
+    if offline is None:
+        offline = os.environ.get("DISTILLERY_OFFLINE", "0") == "1"
+    env = os.environ
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("DO_NOT_TRACK", "true")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if offline:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.setdefault("YOLO_OFFLINE", "1")
+    yolo_dir = Path(env.setdefault("YOLO_CONFIG_DIR", str(data_dir() / "ultralytics")))
+    if not _DONE:
+        _prepare_ultralytics(yolo_dir)
+    _DONE = True
+
+
+def _prepare_ultralytics(yolo_dir: Path) -> None:
+    """Pre-place the fonts Ultralytics would otherwise download on every train/val run."""
+    fonts = yolo_dir / "Ultralytics"
+    fonts.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib
+
+        src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            if not (fonts / name).exists() and src.exists():
+                shutil.copyfile(src, fonts / name)
+    except ImportError:  # matplotlib is a dependency; keep going if a slim install lacks it
+        pass
+
+
+def quiet_ultralytics() -> None:
+    """Stop Ultralytics from logging its own training runs into ./mlruns (call after import)."""
+    from ultralytics import settings
+
+    if settings.get("mlflow", False) or settings.get("sync", False):
+        settings.update({"mlflow": False, "sync": False, "tensorboard": False, "wandb": False})

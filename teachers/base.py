@@ -1,0 +1,131 @@
+"""The teacher-node interface and the registry of node types.
+
+A node type is a thin adapter around one real library (Ultralytics, sentence-transformers + FAISS,
+transformers). It is made of two classes:
+
+* a pydantic ``NodeConfig`` subclass: the node's settings in the spec. It is light (no heavy
+  imports) so a spec validates in milliseconds, before any model loads. It declares which of its
+  fields are *templates* (``TEMPLATE_FIELDS``: strings that may cite ``{request.question}`` or
+  ``{other_node.field}``) and which fields its output offers to templates (``OUTPUT_FIELDS``).
+* a ``TeacherNode`` subclass: loads the model once (``load``) and runs it on a batch
+  (``run``), returning one output dict (or one exception) per input.
+
+Node types are looked up by key (``yolo``, ``rag``, ``llm``) in ``NODE_TYPES``; a spec can never
+name an import path (a spec typed into the Prefect UI must not be able to run code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+
+class NodeConfig(BaseModel):
+    """Settings shared by every node type. Subclasses add a ``type: Literal[...]`` field."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Names of string fields that are templates over the request and upstream outputs."""
+    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    """Keys of the node's output dict that downstream templates may cite."""
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Fields holding a local path (or a hub id); relative paths resolve against the spec file."""
+
+    batch_size: int = 16
+    """Inputs per call to the underlying model."""
+
+    def identity(self) -> dict[str, str]:
+        """What the node's model *is*, for the graph fingerprint: file hashes for local paths,
+        the id itself (plus revision where the type has one) for hub ids."""
+        out: dict[str, str] = {}
+        for name in self.PATH_FIELDS:
+            value = getattr(self, name)
+            if value:
+                out[name] = path_identity(str(value))
+        return out
+
+
+class ItemError(Exception):
+    """An input this node refuses (e.g. a prompt longer than the model's context).
+
+    Returned (not raised) in place of an output; the graph quarantines that input only."""
+
+
+@dataclass
+class NodeInput:
+    """What one node sees for one input: the request's image and the rendered templates."""
+
+    input_id: str
+    image: Image.Image | None
+    texts: dict[str, str] = field(default_factory=dict)  # template field name -> rendered text
+
+
+class TeacherNode(ABC):
+    """One loaded teacher model. ``run`` must return one entry per input, in order."""
+
+    config_cls: ClassVar[type[NodeConfig]]
+
+    def __init__(self, name: str, config: NodeConfig):
+        self.name = name
+        self.config = config
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights once per run (not per batch)."""
+
+    @abstractmethod
+    def run(self, batch: list[NodeInput]) -> list[dict[str, Any] | ItemError]:
+        """Run the model on a batch; numpy arrays in the output are stored as binary tensors."""
+
+
+NODE_TYPES: dict[str, type[TeacherNode]] = {}
+
+
+def register_node(key: str):
+    """Class decorator: make a node type available to specs under ``key``."""
+
+    def wrap(cls: type[TeacherNode]) -> type[TeacherNode]:
+        if key in NODE_TYPES and NODE_TYPES[key] is not cls:
+            raise ValueError(f"node type {key!r} is already registered by {NODE_TYPES[key]}")
+        NODE_TYPES[key] = cls
+        return cls
+
+    return wrap
+
+
+def node_class(key: str) -> type[TeacherNode]:
+    """Look a node type up by key, failing with the list of known keys."""
+    try:
+        return NODE_TYPES[key]
+    except KeyError:
+        known = ", ".join(sorted(NODE_TYPES)) or "(none registered)"
+        raise KeyError(f"unknown teacher node type {key!r}; known types: {known}") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_identity(value: str) -> str:
+    """sha256 of a file, or of a folder's files (names + contents), or the string for hub ids."""
+    p = Path(value)
+    if p.is_file():
+        return "sha256:" + sha256_file(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(sha256_file(f).encode())
+        return "sha256-dir:" + h.hexdigest()
+    return "id:" + value

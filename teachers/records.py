@@ -1,0 +1,74 @@
+"""The data that flows between the rooms: a validated request and the record kept per input.
+
+A ``TeacherRecord`` is what the trace store keeps for one (input, graph fingerprint):
+
+* ``outputs[node]`` — the node's output dict. Scalars, strings and lists are JSON; numpy arrays
+  (boxes, class scores, token ids, top-k log-probs) are stored as binary tensors (safetensors),
+  so a soft label costs bytes, not JSON digits.
+* ``timings[node]`` — seconds spent on this input by the node (its batch time / batch size).
+* ``errors[node]`` — why the node failed on this input; any error quarantines the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image, ImageOps
+
+Status = Literal["ok", "quarantined"]
+
+
+def make_input_id(image_bytes: bytes, question: str) -> str:
+    """Content address of an input: sha256 over the image bytes and the question text."""
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(image_bytes).digest())
+    h.update(question.encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class Request:
+    """One input after validation. ``image()`` decodes it (RGB, EXIF orientation applied)."""
+
+    input_id: str
+    image_path: str
+    image_bytes: bytes
+    question: str
+
+    def image(self) -> Image.Image:
+        img = Image.open(io.BytesIO(self.image_bytes))
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+    def context(self) -> dict[str, Any]:
+        """What templates may cite as ``{request.<field>}``."""
+        return {"question": self.question, "image_path": self.image_path, "input_id": self.input_id}
+
+
+@dataclass
+class Quarantined:
+    """An input refused before any teacher saw it."""
+
+    input_id: str
+    image_path: str
+    question: str
+    reason: str  # short machine-readable kind, e.g. "not_an_image"
+    detail: str  # a sentence naming the input and the reason
+
+
+@dataclass
+class TeacherRecord:
+    input_id: str
+    graph_fingerprint: str
+    image_path: str
+    question: str
+    status: Status = "ok"
+    reason: str | None = None  # kind of failure when quarantined ("node_error:<node>", "too_many_pixels", ...)
+    detail: str | None = None
+    image_bytes: bytes = b""
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""

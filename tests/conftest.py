@@ -1,0 +1,41 @@
+"""Shared test set-up: offline, telemetry off, one Prefect harness per session.
+
+Environment variables are set before any heavy library is imported, so nothing in the suite
+can reach the Hugging Face hub or Ultralytics' asset servers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="distillery-tests-"))
+os.environ["DISTILLERY_OFFLINE"] = "1"
+os.environ.setdefault("DISTILLERY_HOME", str(_HOME / "home"))
+os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME / 'mlflow.db'}")
+
+from distillery import runtime  # noqa: E402
+
+runtime.configure(offline=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's ephemeral local server, started once for the whole session (~10 s)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        try:
+            ctx = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        except Exception:  # setting absent in this Prefect version: keep the default
+            ctx = None
+        if ctx is None:
+            yield
+        else:
+            with ctx:
+                yield
