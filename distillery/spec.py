@@ -26,7 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.config import RegistryConfig
-from students.config import StudentConfig, TrainConfig
+from students.config import StudentConfig
+from students.train_config import TrainConfig
 from teachers.llm import LLMConfig
 from teachers.rag import RagConfig
 from teachers.yolo import YoloConfig
