@@ -1,0 +1,84 @@
+"""The `distillery` command: thin wrappers over the flows and the rooms' plain functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distillery import runtime
+
+app = typer.Typer(help="Distill a whole AI pipeline into one small multimodal student.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _load_spec(path: Path):
+    from pydantic import ValidationError
+
+    from distillery.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except (SpecError, ValidationError) as e:
+        console.print(f"[red]invalid spec {path}:[/red]\n{e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def record(
+    spec: Path = typer.Argument(..., help="Spec YAML (teacher graph)."),
+    inputs: Path = typer.Option(..., "--inputs", help="Folder of images, optionally with requests.jsonl."),
+    traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI (default: next to the spec)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Run the teacher graph over inputs (the Prefect `record` flow) and store the traces."""
+    runtime.configure()
+    s = _load_spec(spec)
+    uri = traces or str(spec.resolve().parent / "traces.lance")
+    summary = run_record_flow(s, inputs, uri, show_progress=not as_json)
+    if as_json:
+        keys = ("written", "skipped", "quarantined", "by_reason", "traces", "version")
+        print(json.dumps({k: summary[k] for k in keys}))
+    else:
+        print_record_summary(summary)
+
+
+def run_record_flow(spec, inputs: Path, traces: str, show_progress: bool = True) -> dict:
+    """Run the record flow in this process (Prefect's ephemeral server), with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.record import add_progress_listener, record_flow
+
+    with Progress(TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not show_progress) as bar:
+        task_id = bar.add_task("record", total=None)
+        add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
+        return record_flow(spec=spec, inputs=str(inputs), traces=traces)
+
+
+def print_record_summary(summary: dict) -> None:
+    table = Table(title=f"record: {summary['traces']} @ version {summary['version']}")
+    table.add_column("outcome")
+    table.add_column("inputs", justify="right")
+    table.add_row("written", str(summary["written"]))
+    table.add_row("already recorded (skipped)", str(summary["skipped"]))
+    table.add_row("quarantined", str(summary["quarantined"]))
+    for reason, n in sorted(summary["by_reason"].items()):
+        table.add_row(f"  {reason}", str(n))
+    Console().print(table)
+    for q in summary.get("quarantined_inputs", [])[:20]:
+        console.print(f"  [yellow]quarantined[/yellow] {q['image']}: {q['detail']}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

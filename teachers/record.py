@@ -1,0 +1,149 @@
+"""Recording: run the teacher graph over inputs and commit one TeacherRecord per input.
+
+Plain functions, no Prefect: ``flows/record.py`` wraps ``run_node`` and ``commit`` in tasks (one
+task per (node, shard), never per input); ``record`` here is the same loop without Prefect (used
+by tests and by the benchmark's direct baseline).
+
+Order of work: validate inputs -> skip those already recorded for this graph fingerprint ->
+quarantine bad inputs -> per shard: each node in topological order over the shard -> assemble
+records -> one atomic commit per shard (so a crash loses at most the shard in flight).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+from distillery.spec import Spec
+from teachers.graph import NodeResult, TeacherGraph
+from teachers.inputs import load_inputs
+from teachers.records import Quarantined, Request, TeacherRecord
+from teachers.store import TraceStore
+
+RunNode = Callable[[str, list[Request], list[dict], list], list[NodeResult]]
+
+
+@dataclass
+class Plan:
+    """What a record run will do: the inputs to run and the ones it will not."""
+
+    todo: list[Request]
+    bad: list[TeacherRecord]  # refused before any teacher saw them (not yet in the store)
+    skipped: int  # already recorded for this fingerprint
+
+
+@dataclass
+class RecordSummary:
+    written: int = 0
+    skipped: int = 0
+    quarantined: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    traces: str = ""
+    version: int | None = None
+    fingerprint: str = ""
+    seconds: float = 0.0
+    quarantined_inputs: list[dict] = field(default_factory=list)  # path, reason, detail
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def quarantine_record(q: Quarantined, fingerprint: str) -> TeacherRecord:
+    return TeacherRecord(input_id=q.input_id, graph_fingerprint=fingerprint, image_path=q.image_path,
+                         question=q.question, status="quarantined", reason=q.reason, detail=q.detail,
+                         created_at=_now())
+
+
+def plan(spec: Spec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
+    """Validate every input and drop the ones this graph has already recorded."""
+    requests, bad = load_inputs(inputs, spec.inputs)
+    done = store.recorded_ids(fingerprint)
+    todo = [r for r in requests if r.input_id not in done]
+    fresh_bad = [quarantine_record(q, fingerprint) for q in bad if q.input_id not in done]
+    skipped = (len(requests) - len(todo)) + (len(bad) - len(fresh_bad))
+    return Plan(todo=todo, bad=fresh_bad, skipped=skipped)
+
+
+def shards(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None) -> list[TeacherRecord]:
+    """Run every node (topological order) over one shard and assemble its records.
+
+    A node that fails on an input quarantines that input; its downstream nodes skip it."""
+    run_node = run_node or graph.run_node
+    images = [r.image() for r in requests]
+    upstream: list[dict[str, dict]] = [{} for _ in requests]
+    errors: list[dict[str, str]] = [{} for _ in requests]
+    timings: list[dict[str, float]] = [{} for _ in requests]
+    for name in graph.order:
+        live = [i for i in range(len(requests)) if not errors[i]]
+        if not live:
+            break
+        results = run_node(name, [requests[i] for i in live], [upstream[i] for i in live], [images[i] for i in live])
+        for i, res in zip(live, results):
+            timings[i][name] = res.seconds
+            if res.error is not None:
+                errors[i][name] = res.error
+            else:
+                upstream[i][name] = res.output
+    return [assemble(graph.fingerprint, r, upstream[i], timings[i], errors[i]) for i, r in enumerate(requests)]
+
+
+def assemble(fingerprint: str, req: Request, outputs: dict, timings: dict, errors: dict) -> TeacherRecord:
+    failed = next(iter(errors), None)
+    return TeacherRecord(
+        input_id=req.input_id, graph_fingerprint=fingerprint, image_path=req.image_path,
+        question=req.question, status="quarantined" if failed else "ok",
+        reason=f"node_error:{failed}" if failed else None,
+        detail=errors[failed] if failed else None,
+        image_bytes=req.image_bytes, outputs=outputs, timings=timings, errors=errors, created_at=_now(),
+    )
+
+
+def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
+    """Fold a committed batch of records into the run summary."""
+    reasons = Counter(summary.by_reason)
+    for rec in records:
+        if rec.status == "ok":
+            summary.written += 1
+        else:
+            summary.quarantined += 1
+            reasons[rec.reason or "unknown"] += 1
+            summary.quarantined_inputs.append({"image": rec.image_path, "reason": rec.reason, "detail": rec.detail})
+    summary.by_reason = dict(reasons)
+
+
+def record(spec: Spec, inputs: str, traces: str, graph: TeacherGraph | None = None,
+           on_shard: Callable[[int, int], None] | None = None) -> RecordSummary:
+    """Record every not-yet-recorded input; the same loop as the flow, without Prefect."""
+    t0 = time.perf_counter()
+    graph = graph or TeacherGraph(spec)
+    store = TraceStore(traces)
+    p = plan(spec, inputs, store, graph.fingerprint)
+    summary = RecordSummary(skipped=p.skipped, traces=str(traces), fingerprint=graph.fingerprint)
+    if p.bad:
+        store.append(p.bad)
+        summarize(summary, p.bad)
+    if p.todo:
+        graph.load()
+    done = 0
+    for shard in shards(p.todo, spec.record.shard_size):
+        recs = run_shard(graph, shard)
+        store.append(recs)
+        summarize(summary, recs)
+        done += len(shard)
+        if on_shard:
+            on_shard(done, len(p.todo))
+    summary.version = store.version
+    summary.seconds = time.perf_counter() - t0
+    return summary
