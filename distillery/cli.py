@@ -76,6 +76,30 @@ def print_record_summary(summary: dict) -> None:
         console.print(f"  [yellow]quarantined[/yellow] {q['image']}: {q['detail']}")
 
 
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where everything goes (default: user data dir)."),
+    preset: str = typer.Option("full", "--preset", help="full (meets the quality floors) or tiny (CI, quick look)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and rebuild everything."),
+    train_teachers: bool = typer.Option(False, "--train-teachers", help="Retrain the demo teachers instead of using the shipped weights."),
+) -> None:
+    """Run the whole platform on a synthetic world: world, teachers, record, train, register, predict."""
+    import os
+
+    from demo.pipeline import default_workdir
+
+    wd = (workdir or default_workdir()).resolve()
+    if preset not in ("full", "tiny"):
+        console.print(f"[red]--preset {preset!r}: choose full or tiny[/red]")
+        raise typer.Exit(2)
+    # Prefect and MLflow keep their state in the workdir so the UIs show this demo's runs.
+    os.environ.setdefault("PREFECT_HOME", str(wd / "prefect"))
+    runtime.configure()
+    from demo.pipeline import run_demo
+
+    run_demo(wd, preset=preset, fresh=fresh, train_teachers=train_teachers)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

@@ -39,3 +39,20 @@ def prefect_harness():
         else:
             with ctx:
                 yield
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """The demo's tiny world and teachers (built once per session) and a spec over them.
+
+    Returns a dict: world, teachers (TeacherArtifacts), spec_path, workdir."""
+    from demo.pipeline import write_spec
+    from demo.teachers import ensure_teachers
+    from demo.world import WorldConfig, build_world
+
+    workdir = tmp_path_factory.mktemp("tiny-demo")
+    world = build_world(WorldConfig.preset("tiny"), workdir / "world")
+    teachers = ensure_teachers(world, "tiny", workdir / "teachers")
+    spec_path = write_spec(workdir / "spec.yaml", "shapes-tiny", teachers.yolo_weights, world.kb_path,
+                           teachers.llm_dir, "tiny")
+    return {"world": world, "teachers": teachers, "spec_path": spec_path, "workdir": workdir}

@@ -1,0 +1,141 @@
+"""`distillery demo`: the whole platform on a synthetic world, on this machine, offline.
+
+Stages run in order and each one is skipped when its output is already there (a warm run reuses
+the world, the teachers and the recorded traces): world -> teachers -> record -> train ->
+evaluate -> register -> pull and predict. The report (printed, and ``report.json`` in the
+workdir) holds every figure and the paths a user needs to rerun a stage by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from rich.console import Console
+
+from distillery import runtime
+
+console = Console(stderr=True)
+
+
+@dataclass
+class DemoReport:
+    workdir: str
+    preset: str
+    stages: list[dict] = field(default_factory=list)  # name, seconds, status
+    figures: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, str] = field(default_factory=dict)
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = round(time.perf_counter() - t0, 2)
+        self.stages.append({"name": name, "seconds": seconds})
+        console.print(f"[green]{name} done[/green] in {seconds:.1f} s")
+        return result
+
+    def write(self) -> Path:
+        path = Path(self.workdir) / "report.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
+        os.replace(tmp, path)
+        return path
+
+
+def default_workdir() -> Path:
+    return runtime.data_dir() / "demo"
+
+
+def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Path, preset: str) -> Path:
+    """The demo's spec: a YOLO segmenter, a MiniLM+FAISS retriever and a reasoning LLM."""
+    from demo.kb import PROMPT_TEMPLATE
+
+    spec = {
+        "name": name,
+        "inputs": {"default_question": "How many hazards are there?"},
+        "teachers": {
+            "detector": {"type": "yolo", "weights": str(yolo_weights), "task": "segment",
+                         "imgsz": 160, "conf": 0.25, "batch_size": 16},
+            "retriever": {"type": "rag", "documents": str(kb), "embedder": "all-MiniLM-L6-v2",
+                          "query": "{request.question}", "top_k": 4,
+                          "cache_dir": str(path.parent / "cache" / "rag-index")},
+            "reasoner": {"type": "llm", "model": str(llm_dir), "prompt": PROMPT_TEMPLATE,
+                         "max_new_tokens": 96, "batch_size": 16},
+        },
+        "record": {"shard_size": 64},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = False,
+             train_teachers: bool = False) -> DemoReport:
+    """Run every stage; returns the report (also written to ``workdir/report.json``)."""
+    workdir = Path(workdir or default_workdir()).resolve()
+    marker = workdir / ".distillery-demo"
+    if fresh and workdir.exists():
+        if not marker.exists():
+            raise ValueError(f"--fresh: {workdir} is not a demo workdir (no {marker.name}); refusing to delete it")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    runtime.configure()
+    t_start = time.perf_counter()
+    rep = DemoReport(workdir=str(workdir), preset=preset)
+
+    from demo.teachers import ensure_teachers
+    from demo.world import WorldConfig, build_world
+
+    world = rep.stage("world", lambda: build_world(WorldConfig.preset(preset), workdir / "world"))
+    teachers = rep.stage("teachers", lambda: ensure_teachers(world, preset, workdir / "teachers",
+                                                             retrain=train_teachers))
+    rep.figures["teachers"] = teachers.metrics
+    spec_path = write_spec(workdir / "spec.yaml", f"shapes-{preset}", teachers.yolo_weights,
+                           world.kb_path, teachers.llm_dir, preset)
+    rep.paths.update(spec=str(spec_path), world=str(world.root))
+
+    from distillery.cli import run_record_flow
+    from distillery.spec import load_spec
+
+    spec = load_spec(spec_path)
+    for split, store in (("train", "traces.lance"), ("test", "traces-test.lance")):
+        inputs = world.split_dir(split)
+        uri = str(workdir / store)
+        summary = rep.stage(f"record ({split})", lambda: run_record_flow(spec, inputs, uri))
+        rep.figures[f"record_{split}"] = {k: summary[k] for k in ("written", "skipped", "quarantined", "by_reason", "version")}
+        rep.paths[f"inputs_{split}"] = str(inputs)
+        rep.paths[f"traces_{split}"] = uri
+        rep.commands[f"record_{split}"] = f"distillery record {spec_path} --inputs {inputs} --traces {uri}"
+
+    rep.figures["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    rep.commands["read_traces"] = (f"python -c \"import lance; print(lance.dataset('{workdir / 'traces.lance'}')"
+                                   ".to_table().to_pandas().head())\"")
+    rep.commands["prefect_ui"] = f"PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
+    path = rep.write()
+    print_report(rep, path)
+    return rep
+
+
+def print_report(rep: DemoReport, path: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="distillery demo")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for s in rep.stages:
+        table.add_row(s["name"], f"{s['seconds']:.1f}")
+    Console().print(table)
+    Console().print_json(json.dumps(rep.figures, default=str))
+    for name, cmd in rep.commands.items():
+        Console().print(f"[bold]{name}[/bold]: {cmd}")
+    Console().print(f"report: {path}")

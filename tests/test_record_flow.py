@@ -1,0 +1,148 @@
+"""The record flow end to end on the tiny demo world: real Ultralytics, MiniLM+FAISS, transformers,
+Lance and Prefect (ephemeral local server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distillery.spec import load_spec
+from teachers.graph import TeacherGraph
+from teachers.store import TraceStore
+
+
+def _inputs(tiny_demo, tmp_path: Path, n: int = 10, bad: bool = False) -> Path:
+    """A copy of the first n requests of the tiny world's test split, plus bad inputs on demand."""
+    src = Path(tiny_demo["world"].split_dir("test"))
+    dst = tmp_path / "inputs"
+    (dst / "images").mkdir(parents=True)
+    lines = (src / "requests.jsonl").read_text().splitlines()[:n]
+    for line in lines:
+        img = json.loads(line)["image"]
+        shutil.copy(src / img, dst / img)
+    if bad:
+        (dst / "images" / "broken.png").write_bytes(b"not a png at all")
+        lines.append(json.dumps({"image": "images/broken.png", "question": "How many hazards are there?"}))
+        lines.append(json.dumps({"image": "images/missing.png", "question": "How many hazards are there?"}))
+        lines.append(json.dumps({"image": json.loads(lines[0])["image"], "question": "   "}))
+    (dst / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Count teacher-node calls made through TeacherGraph.run_node (flow or plain)."""
+    calls: list[str] = []
+    original = TeacherGraph.run_node
+
+    def run_node(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherGraph, "run_node", run_node)
+    return calls
+
+
+def test_record_flow_writes_every_node_and_rerun_calls_no_teacher(tiny_demo, tmp_path, prefect_harness, counting):
+    from flows.record import record_flow
+
+    spec = load_spec(tiny_demo["spec_path"])
+    inputs = _inputs(tiny_demo, tmp_path, n=10, bad=True)
+    traces = str(tmp_path / "traces.lance")
+
+    first = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    assert first["written"] + first["quarantined"] == 13 and first["written"] >= 9
+    assert first["by_reason"].get("not_an_image") == 1
+    assert first["by_reason"].get("missing_file") == 1
+    assert first["by_reason"].get("empty_question") == 1
+    assert counting, "the first run must call the teachers"
+
+    store = TraceStore(traces)
+    ok = store.read(status="ok")
+    assert len(ok) == first["written"]
+    for rec in ok:
+        assert set(rec.outputs) == {"detector", "retriever", "reasoner"}
+        assert rec.outputs["detector"]["boxes"].shape[1:] == (4,)
+        assert len(rec.outputs["retriever"]["ids"]) == 4
+        llm = rec.outputs["reasoner"]
+        assert llm["topk_ids"].shape == (len(llm["token_ids"]), 20)
+        assert str(llm["topk_logprobs"].dtype) == "float16"
+        assert set(rec.timings) == {"detector", "retriever", "reasoner"}
+
+    counting.clear()
+    version = store.version
+    second = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    assert counting == [], "a rerun over the same inputs and graph must make zero teacher calls"
+    assert second["written"] == 0 and second["quarantined"] == 0 and second["skipped"] == 13
+    assert store.version == version
+
+    # Changing one node's config changes the fingerprint: everything is recorded again.
+    changed = spec.model_copy(deep=True)
+    changed.teachers["retriever"].top_k = 3
+    assert TeacherGraph(changed).fingerprint != TeacherGraph(spec).fingerprint
+    third = record_flow(spec=changed, inputs=str(inputs), traces=traces)
+    assert third["written"] == first["written"]
+
+
+def test_node_failure_quarantines_only_that_input(tiny_demo, tmp_path, monkeypatch):
+    from teachers.record import record
+
+    spec = load_spec(tiny_demo["spec_path"])
+    inputs = _inputs(tiny_demo, tmp_path, n=6)
+    graph = TeacherGraph(spec)
+    victim = {}
+    real_run = graph.nodes["retriever"].run
+
+    def flaky(batch):
+        victim.setdefault("id", batch[1].input_id)
+        if any(item.input_id == victim["id"] for item in batch):
+            raise RuntimeError("index shard unavailable")
+        return real_run(batch)
+
+    monkeypatch.setattr(graph.nodes["retriever"], "run", flaky)
+    summary = record(spec, str(inputs), str(tmp_path / "t.lance"), graph=graph)
+    assert summary.quarantined == 1 and summary.written == 5
+    bad = TraceStore(tmp_path / "t.lance").read(status="quarantined")
+    assert bad[0].input_id == victim["id"]
+    assert bad[0].reason == "node_error:retriever"
+    assert "index shard unavailable" in bad[0].detail
+    assert "reasoner" not in bad[0].outputs  # downstream of the failed node: skipped
+
+
+def test_sigkill_mid_run_then_rerun_records_each_input_once(tiny_demo, tmp_path):
+    """A record run killed with SIGKILL mid-way, rerun from the CLI: every input exactly once."""
+    spec_path = tmp_path / "spec.yaml"
+    text = Path(tiny_demo["spec_path"]).read_text().replace("shard_size: 64", "shard_size: 4")
+    spec_path.write_text(text)
+    inputs = _inputs(tiny_demo, tmp_path, n=16)
+    traces = tmp_path / "traces.lance"
+    cmd = [sys.executable, "-m", "distillery.cli", "record", str(spec_path), "--inputs", str(inputs),
+           "--traces", str(traces), "--json"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if traces.exists() and (TraceStore(traces).count() or 0) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = TraceStore(traces).count() if traces.exists() else 0
+    assert partial < 16, "the run finished before it could be killed; use more inputs"
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"written", "skipped", "quarantined", "by_reason", "traces", "version"}
+    assert summary["skipped"] == partial and summary["written"] + summary["quarantined"] == 16 - partial
+    ids = [r.input_id for r in TraceStore(traces).read(with_images=False)]
+    assert len(ids) == 16 and len(set(ids)) == 16
