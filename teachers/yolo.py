@@ -1,9 +1,20 @@
-"""`yolo` node: an Ultralytics detector or segmenter (any weights file or model YAML)."""
+"""`yolo` node: an Ultralytics detector or segmenter (any weights file or model YAML).
+
+Per image the node returns the hard labels (normalized boxes, class ids, scores, instance masks as
+COCO RLE at the original image size) and the soft label Ultralytics computes but does not expose:
+the per-class score vector of every kept box. The predictor's own per-object hook hands us the
+anchor indices NMS kept, and we read those anchors' class rows from the raw head output.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+from pycocotools import mask as mask_utils
 from pydantic import Field
 
 from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, register_node
@@ -11,7 +22,9 @@ from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, registe
 
 class YoloConfig(NodeConfig):
     """Ultralytics YOLO teacher. Output per box: normalized xyxy, class id, confidence, the
-    per-class score vector (soft label) and, for ``task: segment``, the instance mask (COCO RLE)."""
+    per-class score vector (soft label) and, for ``task: segment``, the instance mask (COCO RLE).
+
+    ``.pt`` files are unpickled by Ultralytics: load only weights you trust."""
 
     type: Literal["yolo"] = "yolo"
     weights: str = Field(description="Weights file (.pt) or model YAML, local path or Ultralytics name.")
@@ -24,18 +37,185 @@ class YoloConfig(NodeConfig):
     device: str | None = Field(None, description="torch device; None = auto.")
 
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"boxes", "classes", "scores", "class_probs", "masks", "labels", "summary", "count"}
+        {"boxes", "classes", "scores", "class_probs", "masks", "labels", "summary", "count", "image_size"}
     )
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("weights",)
 
 
+# -- helpers other modules use ----------------------------------------------------------------
+def describe_detections(labels: list[str]) -> str:
+    """Counts per label, sorted by label: ``"blue square x1, red circle x2"``; ``"nothing"`` if none.
+
+    Teacher summaries and the demo's ground truth both go through this, so prompts match."""
+    counts = Counter(labels)
+    return ", ".join(f"{label} x{counts[label]}" for label in sorted(counts)) or "nothing"
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """(H, W) binary mask -> COCO RLE ``{"size": [H, W], "counts": str}`` (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """COCO RLE (``counts`` as str or bytes) -> (H, W) uint8 mask of 0/1."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts})
+
+
+# -- the predictor that keeps the soft labels -------------------------------------------------
+@functools.cache
+def _predictor_class(task: str) -> type:
+    """Ultralytics' predictor for ``task``, plus each kept box's class-score row in ``Results.feats``.
+
+    It rides Ultralytics' per-object hook (made for its ReID tracker): while ``predictor._feats``
+    is set, ``DetectionPredictor.postprocess`` runs NMS with ``return_idxs=True``, passes the kept
+    anchor indices to ``get_obj_feats`` and stores what it returns as ``Results.feats``; the
+    segment predictor then keeps boxes with empty masks too, so rows stay aligned (``run`` drops
+    those boxes, as Ultralytics does). Imported lazily: ultralytics is heavy."""
+    from ultralytics.models.yolo.detect import DetectionPredictor
+    from ultralytics.models.yolo.segment import SegmentationPredictor
+
+    base = SegmentationPredictor if task == "segment" else DetectionPredictor
+
+    class SoftLabelPredictor(base):
+        def postprocess(self, preds, img, orig_imgs, **kwargs):
+            if getattr(self.model, "end2end", False):
+                raise ValueError("NMS-free (end2end) heads do not keep per-class scores; predict with NMS")
+            head = preds[0] if isinstance(preds, (list, tuple)) else preds
+            self._feats = head[0] if isinstance(head, (list, tuple)) else head  # (B, 4+nc+extra, A)
+            try:
+                return super().postprocess(preds, img, orig_imgs, **kwargs)
+            finally:
+                self._feats = None
+
+        def get_obj_feats(self, head, idxs):
+            nc = len(self.model.names)
+            # head (B, 4+nc+extra, A); idxs[b] (N_b,) kept anchors -> (N_b, nc) per image
+            return [head[b, 4:4 + nc, k.long().view(-1)].T.float() for b, k in enumerate(idxs)]
+
+    return SoftLabelPredictor
+
+
+# -- the node ---------------------------------------------------------------------------------
 @register_node("yolo")
 class YoloNode(TeacherNode):
     config_cls = YoloConfig
     config: YoloConfig
 
-    def load(self) -> None:  # implemented in the teacher-side work
-        raise NotImplementedError
+    def __init__(self, name: str, config: YoloConfig):
+        super().__init__(name, config)
+        self.model = None  # ultralytics.YOLO once loaded
+        self.names: dict[int, str] = {}
+
+    def load(self) -> None:
+        """Load the weights (or build from YAML) once and check the model does ``config.task``."""
+        if self.model is not None:
+            return
+        from distillery import runtime
+
+        runtime.configure()
+        from ultralytics import YOLO
+        from ultralytics.nn.tasks import guess_model_task
+
+        runtime.quiet_ultralytics()
+        cfg = self.config
+        _check_local_path(self.name, cfg.weights)
+        model = YOLO(cfg.weights, task=cfg.task)
+        found = guess_model_task(model.model)
+        if found != cfg.task:
+            raise ValueError(f"yolo node {self.name!r}: weights {cfg.weights!r} are a {found!r} model, "
+                             f"but the node says task: {cfg.task}")
+        self.model, self.names = model, dict(model.names)
+
+    def predict_args(self) -> dict[str, Any]:
+        """Keyword arguments of every ``predict`` call.
+
+        ``rect=False`` letterboxes every image to the same square, so an image's output does not
+        depend on the other images in its batch (a rerun in another shard gives the same record)."""
+        cfg = self.config
+        args = dict(imgsz=cfg.imgsz, conf=cfg.conf, iou=cfg.iou, max_det=cfg.max_det, rect=False,
+                    verbose=False, save=False, predictor=_predictor_class(cfg.task))
+        if cfg.device is not None:
+            args["device"] = cfg.device
+        return args
 
     def run(self, batch: list[NodeInput]) -> list[dict[str, Any] | ItemError]:
-        raise NotImplementedError
+        """One batched ``predict`` over the batch's images; an input without an image fails alone."""
+        self.load()
+        outs: list[dict[str, Any] | ItemError] = [
+            ItemError(f"input {item.input_id}: no image (the yolo node reads request.image)")
+            for item in batch
+        ]
+        todo = [i for i, item in enumerate(batch) if item.image is not None]
+        if not todo:
+            return outs
+        images = [_rgb(batch[i].image) for i in todo]
+        results = self.model.predict(images, **self.predict_args())
+        for i, result in zip(todo, results, strict=True):
+            outs[i] = self.to_output(result)
+        return outs
+
+    def to_output(self, result) -> dict[str, Any]:
+        """One Ultralytics ``Results`` (+ its soft labels in ``feats``) -> the node's output dict."""
+        import torch
+
+        h, w = result.orig_shape
+        boxes = result.boxes
+        probs = result.feats  # (N, nc)
+        _check_aligned(probs, boxes.conf, boxes.cls)
+        keep = torch.ones(len(boxes), dtype=torch.bool)
+        masks: list[dict[str, Any]] = []
+        if self.config.task == "segment" and result.masks is not None:
+            data = result.masks.data.cpu()  # (N, h', w') at inference size, letterboxed
+            keep = data.flatten(1).amax(1) > 0  # Ultralytics drops boxes whose mask is empty
+            masks = [mask_to_rle(_unletterbox(m, (h, w))) for m in data[keep]]
+        classes = boxes.cls.cpu()[keep].numpy().astype(np.int32)  # (N,)
+        labels = [self.names[int(c)] for c in classes]
+        return {
+            "boxes": boxes.xyxyn.cpu()[keep].numpy().astype(np.float32),  # (N, 4) xyxy in 0..1
+            "classes": classes,
+            "scores": boxes.conf.cpu()[keep].numpy().astype(np.float32),  # (N,)
+            "class_probs": probs.cpu()[keep].numpy().astype(np.float32),  # (N, C) independent sigmoids
+            "labels": labels,
+            "masks": masks,
+            "summary": describe_detections(labels),
+            "count": len(labels),
+            "image_size": [int(h), int(w)],
+        }
+
+
+def _check_local_path(node: str, weights: str) -> None:
+    """A path with a folder in it must exist (bare names like ``yolo11n.pt`` are Ultralytics')."""
+    p = Path(weights).expanduser()
+    if (p.is_absolute() or p.parent != Path(".")) and not p.exists():
+        raise FileNotFoundError(f"yolo node {node!r}: weights file {weights!r} does not exist")
+
+
+def _check_aligned(probs, conf, cls) -> None:
+    """Each box's score is its class's entry in its score vector; anything else means the
+    Ultralytics internals we rely on have moved."""
+    import torch
+
+    if probs is None or len(probs) != len(conf):
+        raise RuntimeError("yolo: per-class scores missing or misaligned with the boxes "
+                           "(unsupported Ultralytics version?)")
+    if len(conf):
+        picked = probs.gather(1, cls.long().view(-1, 1)).view(-1)  # (N,)
+        if not torch.allclose(picked.cpu(), conf.float().cpu(), atol=1e-4):
+            raise RuntimeError("yolo: per-class scores do not match the box scores "
+                               "(unsupported Ultralytics version?)")
+
+
+def _unletterbox(mask, size: tuple[int, int]) -> np.ndarray:
+    """(h', w') mask at letterboxed inference size -> (H, W) uint8 at the original image size."""
+    from ultralytics.utils import ops
+
+    full = ops.scale_masks(mask[None, None].float(), size)[0, 0]  # (H, W), padding removed
+    return (full > 0.5).numpy().astype(np.uint8)
+
+
+def _rgb(image):
+    return image if image.mode == "RGB" else image.convert("RGB")

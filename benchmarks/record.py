@@ -1,0 +1,112 @@
+"""Record benchmark: the Prefect record flow vs the same models in a plain loop.
+
+    python -m benchmarks.record [--n 256] [--preset full]
+
+Prints: Prefect local-server start-up (its own line), direct-loop time, flow time and their ratio
+(goal <= 1.10), the rerun time as a fraction of the first run (goal <= 5%), and the stored
+soft-label bytes per generated token (goal <= 128 B at k = 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from distillery import runtime
+
+
+def _inputs(world, n: int, dst: Path) -> Path:
+    """The first n requests of the world's train split, as an inputs folder."""
+    src = world.split_dir("train")
+    lines = (src / "requests.jsonl").read_text().splitlines()[:n]
+    if len(lines) < n:
+        raise SystemExit(f"the world has only {len(lines)} train requests; ask for fewer with --n")
+    shutil.copytree(src / "images", dst / "images")
+    (dst / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def soft_label_bytes_per_token(traces: str) -> tuple[float, int]:
+    """Bytes of stored per-token soft labels (ids, top-k ids, top-k log-probs) per generated token."""
+    from teachers.store import TraceStore
+
+    total, tokens = 0, 0
+    for rec in TraceStore(traces).read(status="ok", with_images=False):
+        for out in rec.outputs.values():
+            if "topk_ids" in out:
+                total += sum(out[k].nbytes for k in ("token_ids", "topk_ids", "topk_logprobs"))
+                tokens += len(out["token_ids"])
+    return total / max(tokens, 1), tokens
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=256, help="inputs (>= 256 for the issue's figure)")
+    ap.add_argument("--preset", default="full", choices=["full", "tiny"])
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-record-"))
+    runtime.configure()
+
+    from demo.pipeline import write_spec
+    from demo.teachers import ensure_teachers
+    from demo.world import WorldConfig, build_world
+    from distillery.spec import load_spec
+    from teachers.graph import TeacherGraph
+    from teachers.record import plan, run_shard, shards
+    from teachers.store import TraceStore
+
+    world = build_world(WorldConfig.preset(args.preset), work / "world")
+    teachers = ensure_teachers(world, args.preset, work / "teachers")
+    spec = load_spec(write_spec(work / "spec.yaml", "bench", teachers.yolo_weights, world.kb_path,
+                                teachers.llm_dir, args.preset))
+    inputs = _inputs(world, args.n, work / "inputs")
+
+    # 1. Direct: a fresh graph, models loaded, nodes called over the same shards; no Prefect, no store.
+    t0 = time.perf_counter()
+    graph = TeacherGraph(spec).load()
+    todo = plan(spec, str(inputs), TraceStore(work / "empty.lance"), graph.fingerprint).todo
+    for shard in shards(todo, spec.record.shard_size):
+        run_shard(graph, shard)
+    direct = time.perf_counter() - t0
+
+    # 2. Prefect's local server start-up, on its own line (a trivial flow starts it).
+    from prefect import flow
+
+    from flows.record import record_flow
+
+    t0 = time.perf_counter()
+    flow(name="warm-up")(lambda: None)()
+    server = time.perf_counter() - t0
+
+    traces = str(work / "traces.lance")
+    t0 = time.perf_counter()
+    first = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    flow_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rerun = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    rerun_s = time.perf_counter() - t0
+    bpt, tokens = soft_label_bytes_per_token(traces)
+
+    figures = {
+        "inputs": len(todo), "written": first["written"], "rerun_written": rerun["written"],
+        "prefect_server_startup_s": round(server, 2), "direct_s": round(direct, 2), "flow_s": round(flow_s, 2),
+        "flow_over_direct": round(flow_s / direct, 3), "rerun_s": round(rerun_s, 2),
+        "rerun_fraction": round(rerun_s / flow_s, 4), "soft_label_bytes_per_token": round(bpt, 1),
+        "generated_tokens": tokens,
+    }
+    print(f"prefect local server start-up: {server:.1f} s (not counted below)")
+    print(f"direct loop over {len(todo)} inputs: {direct:.1f} s")
+    print(f"record flow:                      {flow_s:.1f} s  ratio {flow_s / direct:.3f} (goal <= 1.10)")
+    print(f"rerun (all recorded):             {rerun_s:.2f} s  = {100 * rerun_s / flow_s:.1f}% of the first run (goal <= 5%)")
+    print(f"soft labels: {bpt:.1f} B per generated token over {tokens} tokens (goal <= 128 B at k=20)")
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
