@@ -1,0 +1,95 @@
+"""Run every benchmark and write ``benchmarks/RESULTS.md``.
+
+    python -m benchmarks [--quick]      # or: make bench
+
+Each benchmark is a module with ``main(argv) -> dict`` that prints its own figures; this runner
+collects them, puts each figure beside its goal, and records the machine, date and commit.
+``--quick`` uses the tiny preset (plumbing check; its figures do not meet the goals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+# (module, figure key, goal text, check) — the goals from the issues, printed beside the figures.
+GOALS = [
+    ("record", "flow_over_direct", "<= 1.10", lambda v: v <= 1.10),
+    ("record", "rerun_fraction", "<= 0.05", lambda v: v <= 0.05),
+    ("record", "soft_label_bytes_per_token", "<= 128 B", lambda v: v <= 128),
+    ("student", "speedup_batch1", ">= 20x", lambda v: v >= 20),
+    ("student", "param_ratio", "(graph / student)", None),
+    ("fidelity", "answer_retained", ">= 0.97", lambda v: v >= 0.97),
+    ("fidelity", "detection_map50_vs_teacher", ">= 0.85", lambda v: v >= 0.85),
+    ("demo", "cold_s", "<= 900 s", lambda v: v <= 900),
+    ("demo", "warm_s", "<= 180 s", lambda v: v <= 180),
+]
+MODULES = ["record", "student", "fidelity", "demo"]
+HERE = Path(__file__).parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_all(quick: bool) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError:
+            results[name] = {"error": "not available yet"}
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            results[name] = mod.main(["--preset", "tiny"] if quick else [])
+        except Exception as e:  # one failing benchmark must not lose the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    return results
+
+
+def render(results: dict[str, dict], quick: bool) -> str:
+    lines = ["# Benchmark results", "",
+             f"- machine: {machine()}", f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"- commit: {commit()}", f"- command: `python -m benchmarks{' --quick' if quick else ''}`", "",
+             "| benchmark | figure | value | goal | met |", "|---|---|---|---|---|"]
+    for mod, key, goal, check in GOALS:
+        value = results.get(mod, {}).get(key)
+        met = "" if value is None or check is None else ("yes" if check(value) else "NO")
+        shown = results.get(mod, {}).get("error", "n/a") if value is None else value
+        lines.append(f"| {mod} | {key} | {shown} | {goal} | {met} |")
+    lines += ["", "## All figures", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny preset: a plumbing check, not the figures")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args()
+    results = run_all(args.quick)
+    text = render(results, args.quick)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
