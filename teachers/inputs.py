@@ -1,0 +1,242 @@
+"""Inputs: find them, check each one before any teacher sees it, quarantine the bad ones.
+
+An inputs folder holds either
+
+* ``requests.jsonl`` — one ``{"image": "path", "question": "..."}`` per line, image paths relative
+  to the folder (absolute paths are fine too); or
+* only images (png, jpg, jpeg, bmp, webp, sorted by name), each asked ``inputs.default_question``.
+
+``inputs`` may also name a ``.jsonl`` file directly (paths then resolve against its folder).
+
+Every bad input becomes a ``Quarantined`` with one of ``REASONS`` and a sentence naming the input
+(file and line) and what is wrong; good ones become a ``Request`` holding the raw image bytes.
+Ids are content addresses (``make_input_id``), so reruns give the same ids and duplicates
+collapse to one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from distillery.spec import InputsConfig
+from teachers.records import Quarantined, Request, make_input_id
+
+REASONS = ("missing_file", "empty_file", "not_an_image", "truncated_image", "too_many_pixels",
+           "empty_question", "question_too_long", "question_not_utf8", "bad_request_line")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # what PIL may decode: no plugin that shells out (EPS)
+REQUESTS_FILE = "requests.jsonl"
+
+
+@dataclass
+class Candidate:
+    """An input found on disk, not yet checked. ``question`` is bytes when it is not valid UTF-8."""
+
+    image_path: Path
+    question: str | bytes
+    where: str  # how to name it in a message: "requests.jsonl line 3" or the image file
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# -- discovery -------------------------------------------------------------------------------------
+def discover(inputs: str | Path, cfg: InputsConfig) -> list[Candidate | Quarantined]:
+    """The inputs named by a folder (or a requests .jsonl file), in order; request lines that
+    cannot be read at all come back already quarantined (``bad_request_line``)."""
+    path = Path(inputs)
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_requests(path)
+    if not path.is_dir():
+        raise ValueError(f"inputs {str(path)!r} does not exist or is not a folder "
+                         f"(expected a folder of images or with a {REQUESTS_FILE})")
+    if (path / REQUESTS_FILE).is_file():
+        return read_requests(path / REQUESTS_FILE)
+    if cfg.default_question is None:
+        raise ValueError(f"inputs folder {str(path)!r} has no {REQUESTS_FILE} and the spec has no "
+                         "inputs.default_question; add one or the other")
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if not images:
+        raise ValueError(f"inputs folder {str(path)!r} has no {REQUESTS_FILE} and no images "
+                         f"({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    return [Candidate(p, cfg.default_question, p.name) for p in images]
+
+
+def read_requests(jsonl: Path) -> list[Candidate | Quarantined]:
+    """Parse a requests file line by line (in binary, so one bad line never loses the others)."""
+    found: list[Candidate | Quarantined] = []
+    with open(jsonl, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            if not raw.strip():
+                continue
+            where = f"{jsonl.name} line {number}"
+            try:
+                found.append(parse_request_line(raw, jsonl.parent, where))
+            except _Refused as e:
+                found.append(Quarantined(make_input_id(raw.strip(), ""), "", "", e.reason, str(e)))
+    return found
+
+
+def parse_request_line(raw: bytes, base: Path, where: str) -> Candidate:
+    """One requests.jsonl line -> a Candidate; raises _Refused("bad_request_line") when unusable.
+
+    Invalid UTF-8 is decoded with ``surrogateescape`` so the line still parses; a question that
+    keeps such bytes is handed on as bytes (and quarantined as ``question_not_utf8``)."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Refused("bad_request_line", f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(entry, dict):
+        raise _Refused("bad_request_line", f"{where}: expected a JSON object "
+                       '{"image": ..., "question": ...}, got ' + type(entry).__name__)
+    missing = [k for k in ("image", "question") if k not in entry]
+    if missing:
+        raise _Refused("bad_request_line", f"{where}: missing key(s) {', '.join(missing)}; "
+                       'each line is {"image": "path", "question": "text"}')
+    image, question = entry["image"], entry["question"]
+    if not isinstance(image, str) or not image.strip() or not isinstance(question, str):
+        raise _Refused("bad_request_line", f"{where}: 'image' must be a non-empty path string and "
+                       "'question' a string")
+    if not _utf8_ok(image):
+        raise _Refused("bad_request_line", f"{where}: the image path is not valid UTF-8")
+    if not _utf8_ok(question):
+        return Candidate(base / image, _raw_bytes(question), where)
+    return Candidate(base / image, question, where)
+
+
+def _raw_bytes(text: str) -> bytes:
+    """The bytes a surrogate-escaped string came from (lone surrogates from JSON ``\\ud8xx``
+    escapes are kept as their UTF-8-like encoding, which is still invalid UTF-8)."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass")
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# -- checking --------------------------------------------------------------------------------------
+def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
+                where: str = "") -> Request | Quarantined:
+    """Check one input: the file, the question, then the image (header first, then a full decode).
+
+    ``where`` names the input in messages (e.g. "requests.jsonl line 3"); the image path is added.
+    Returns a Request with the raw image bytes, or a Quarantined naming the input and the reason."""
+    image_path = Path(image_path)
+    shown = os.fsencode(image_path).decode("utf-8", errors="replace")
+    label = f"{where} ({shown})" if where and image_path.name not in where else (where or shown)
+    text = question if isinstance(question, str) else question.decode("utf-8", errors="replace")
+    data: bytes | None = None
+    try:
+        data = read_image_file(image_path, label)
+        text = check_question(question, cfg, label)
+        check_image(data, cfg, label)
+    except _Refused as e:
+        key = data or os.fsencode(image_path)  # empty or unreadable file: the path names it
+        return Quarantined(make_input_id(key, text), shown, text, e.reason, str(e))
+    return Request(make_input_id(data, text), shown, data, text)
+
+
+def read_image_file(path: Path, label: str) -> bytes:
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise _Refused("missing_file", f"{label}: the image file {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Refused("missing_file", f"{label}: the image file cannot be read ({e.strerror})") from None
+    if not data:
+        raise _Refused("empty_file", f"{label}: the image file is empty (0 bytes)")
+    return data
+
+
+def check_question(question: str | bytes, cfg: InputsConfig, label: str) -> str:
+    if isinstance(question, bytes):
+        try:
+            question = question.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Refused("question_not_utf8", f"{label}: the question is not valid UTF-8 "
+                           f"(byte {question[e.start]:#04x} at position {e.start})") from None
+    if not question.strip():
+        raise _Refused("empty_question", f"{label}: the question is empty")
+    if len(question) > cfg.max_question_chars:
+        raise _Refused("question_too_long", f"{label}: the question has {len(question)} characters, "
+                       f"more than inputs.max_question_chars = {cfg.max_question_chars}")
+    return question
+
+
+@contextmanager
+def _strict_pil() -> Iterator[None]:
+    """Truncated files must fail to load; PIL's own bomb warning is ours to judge (max_pixels)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def check_image(data: bytes, cfg: InputsConfig, label: str) -> None:
+    """Identify the image, check its pixel count from the header, then decode it fully."""
+    with _strict_pil():
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            raise _Refused("not_an_image", f"{label}: not an image PIL can read as "
+                           f"{'/'.join(IMAGE_FORMATS)}") from None
+        except Image.DecompressionBombError as e:
+            raise _Refused("too_many_pixels", f"{label}: too many pixels ({e})") from None
+        except (OSError, ValueError, SyntaxError) as e:  # a header that starts right, then breaks
+            raise _Refused("truncated_image", f"{label}: broken image header ({e})") from None
+        with img:
+            width, height = img.size
+            if width * height > cfg.max_pixels:
+                raise _Refused("too_many_pixels", f"{label}: {width}x{height} = {width * height} pixels, "
+                               f"more than inputs.max_pixels = {cfg.max_pixels}")
+            try:
+                img.load()
+            except Image.DecompressionBombError as e:
+                raise _Refused("too_many_pixels", f"{label}: too many pixels ({e})") from None
+            except (OSError, ValueError, SyntaxError, EOFError) as e:
+                raise _Refused("truncated_image", f"{label}: image data is truncated or corrupt "
+                               f"({e})") from None
+
+
+# -- everything ------------------------------------------------------------------------------------
+def load_inputs(inputs: str | Path, cfg: InputsConfig) -> tuple[list[Request], list[Quarantined]]:
+    """Discover and check every input: (good requests, quarantined), each input id once, in order."""
+    requests: list[Request] = []
+    quarantined: list[Quarantined] = []
+    seen: set[str] = set()
+    for found in discover(inputs, cfg):
+        item = found
+        if isinstance(found, Candidate):
+            item = check_input(found.image_path, found.question, cfg, found.where)
+        if item.input_id in seen:
+            continue
+        seen.add(item.input_id)
+        (requests if isinstance(item, Request) else quarantined).append(item)
+    return requests, quarantined

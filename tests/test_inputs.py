@@ -1,0 +1,173 @@
+"""Input discovery and validation: every bad input is quarantined with the right reason and a
+message naming it; good ones reach the teachers as Requests (real PIL decoding throughout)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distillery.spec import InputsConfig
+from teachers.inputs import REASONS, check_input, load_inputs
+from teachers.records import Quarantined, Request, make_input_id
+
+
+def _png(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, followed by a few bytes of pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 100))
+            + _chunk(b"IEND", b""))
+
+
+def _exif_rotated_jpeg(w: int, h: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    img = root / "images"
+    img.mkdir()
+    lines: list[bytes] = []
+
+    def req(image: str, question: str = "What is here?") -> None:
+        lines.append(json.dumps({"image": image, "question": question}).encode())
+
+    for i in range(5):
+        (img / f"good{i}.png").write_bytes(_png(32, 24, seed=i))
+        req(f"images/good{i}.png")
+    (img / "rotated.jpg").write_bytes(_exif_rotated_jpeg(40, 20))
+    req("images/rotated.jpg")
+    (root / "absolute.png").write_bytes(_png(16, 16, seed=99))
+    req(str((root / "absolute.png").resolve()), "Absolute path?")
+    req("images/good0.png")  # duplicate of line 1: kept once
+    (img / "zero.png").write_bytes(b"")
+    req("images/zero.png")
+    (img / "text.png").write_text("this is a text file, not a png\n")
+    req("images/text.png")
+    (img / "half.png").write_bytes(_png(64, 64, seed=7)[: len(_png(64, 64, seed=7)) // 2])
+    req("images/half.png")
+    (img / "big.png").write_bytes(_png(300, 300, seed=3))  # 90,000 px > max_pixels below
+    req("images/big.png")
+    (img / "bomb.png").write_bytes(_png_claiming(60_000, 60_000))  # PIL's own bomb limit
+    req("images/bomb.png")
+    req("images/missing.png")
+    req("images/good1.png", "   ")
+    req("images/good2.png", "x" * 201)
+    lines.append(b'{"image": "images/good3.png", "question": "caf\xe9?"}')  # latin-1, not UTF-8
+    lines.append(b'{"image": "images/good4.png", "question": ')  # broken JSON
+    lines.append(b'{"image": "images/good4.png"}')  # no question
+    lines.append(b"")  # blank lines are skipped
+    (root / "requests.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+CFG = InputsConfig(max_pixels=50_000, max_question_chars=200)
+EXPECTED = {  # image file (or line) -> reason
+    "zero.png": "empty_file", "text.png": "not_an_image", "half.png": "truncated_image",
+    "big.png": "too_many_pixels", "bomb.png": "too_many_pixels", "missing.png": "missing_file",
+}
+
+
+def test_every_bad_input_is_quarantined_with_its_reason_and_named(folder):
+    requests, bad = load_inputs(folder, CFG)
+
+    assert [Path(r.image_path).name for r in requests] == [
+        "good0.png", "good1.png", "good2.png", "good3.png", "good4.png", "rotated.jpg", "absolute.png"]
+    assert all(isinstance(r, Request) and r.image_bytes for r in requests)
+    assert requests[0].image_bytes == (folder / "images" / "good0.png").read_bytes()
+    assert requests[0].input_id == make_input_id(requests[0].image_bytes, "What is here?")
+    assert requests[0].image().size == (32, 24)
+
+    assert all(isinstance(q, Quarantined) and q.reason in REASONS for q in bad)
+    by_file = {Path(q.image_path).name: q for q in bad if q.image_path}
+    for name, reason in EXPECTED.items():
+        assert by_file[name].reason == reason, by_file[name]
+        assert name in by_file[name].detail
+    assert "line 14" in by_file["missing.png"].detail  # the line in requests.jsonl is named
+    assert "50000" in by_file["big.png"].detail
+
+    by_reason = {q.reason: q for q in bad}
+    assert by_reason["empty_question"].detail.startswith("requests.jsonl line 15")
+    assert by_reason["question_too_long"].detail.startswith("requests.jsonl line 16")
+    assert "201" in by_reason["question_too_long"].detail
+    assert by_reason["question_not_utf8"].detail.startswith("requests.jsonl line 17")
+    assert "0xe9" in by_reason["question_not_utf8"].detail
+    broken = sorted(q.detail for q in bad if q.reason == "bad_request_line")
+    assert len(broken) == 2
+    assert "line 18" in broken[0] and "not valid JSON" in broken[0]
+    assert "line 19" in broken[1] and "question" in broken[1]
+    assert len(bad) == len(EXPECTED) + 5  # nothing else refused, the duplicate not counted
+
+
+def test_ids_are_stable_across_runs(folder):
+    first_ok, first_bad = load_inputs(folder, CFG)
+    again_ok, again_bad = load_inputs(folder, CFG)
+    assert [r.input_id for r in first_ok] == [r.input_id for r in again_ok]
+    assert [q.input_id for q in first_bad] == [q.input_id for q in again_bad]
+    assert len({q.input_id for q in first_bad}) == len(first_bad)
+
+
+def test_exif_rotation_is_applied(folder):
+    item = check_input(folder / "images" / "rotated.jpg", "Which way up?", CFG)
+    assert isinstance(item, Request)
+    assert Image.open(io.BytesIO(item.image_bytes)).size == (40, 20)  # raw bytes kept as they were
+    assert item.image().size == (20, 40)  # decoded upright
+
+
+def test_header_is_checked_before_decoding(folder):
+    """A header claiming 8000x8000 with no pixel data is too big, not truncated: nothing decoded."""
+    path = folder / "claims.png"
+    path.write_bytes(_png_claiming(8000, 8000))
+    item = check_input(path, "q", InputsConfig(max_pixels=1_000_000))
+    assert item.reason == "too_many_pixels" and "8000x8000" in item.detail
+
+
+def test_truncated_images_fail_even_if_pil_was_told_to_load_them(folder, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    item = check_input(folder / "images" / "half.png", "q", CFG)
+    assert item.reason == "truncated_image"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
+
+
+def test_folder_of_images_uses_the_default_question(tmp_path):
+    for name, data in [("b.jpg", _exif_rotated_jpeg(8, 8)), ("a.png", _png(8, 8)), ("c.PNG", _png(9, 9))]:
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "notes.txt").write_text("ignored")
+    requests, bad = load_inputs(tmp_path, InputsConfig(default_question="How many shapes?"))
+    assert [Path(r.image_path).name for r in requests] == ["a.png", "b.jpg", "c.PNG"]
+    assert {r.question for r in requests} == {"How many shapes?"} and bad == []
+
+
+def test_folder_without_requests_needs_a_default_question(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(8, 8))
+    with pytest.raises(ValueError, match="no requests.jsonl.*default_question"):
+        load_inputs(tmp_path, InputsConfig())
+
+
+def test_missing_inputs_path_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        load_inputs(tmp_path / "nowhere", InputsConfig(default_question="q"))
