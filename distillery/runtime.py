@@ -36,6 +36,7 @@ def configure(offline: bool | None = None) -> None:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("YOLO_AUTOINSTALL", "false")  # Ultralytics must never pip-install at run time
     if offline:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")

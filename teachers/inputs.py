@@ -30,6 +30,16 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from distillery.spec import InputsConfig
 from teachers.records import Quarantined, Request, make_input_id
 
+
+def pil_open(fp, formats):
+    """PIL's own ``Image.open``, even after Ultralytics has patched it: its patch answers an
+    unidentified image by pip-installing a HEIF plugin, which must never happen on bad input."""
+    import sys
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", Image.open)
+    return opener(fp, formats=formats)
+
 REASONS = ("missing_file", "empty_file", "not_an_image", "truncated_image", "too_many_pixels",
            "empty_question", "question_too_long", "question_not_utf8", "bad_request_line")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -203,7 +213,7 @@ def check_image(data: bytes, cfg: InputsConfig, label: str) -> None:
     """Identify the image, check its pixel count from the header, then decode it fully."""
     with _strict_pil():
         try:
-            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            img = pil_open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
             raise _Refused("not_an_image", f"{label}: not an image PIL can read as "
                            f"{'/'.join(IMAGE_FORMATS)}") from None

@@ -97,12 +97,13 @@ def test_node_failure_quarantines_only_that_input(tiny_demo, tmp_path, monkeypat
 
     spec = load_spec(tiny_demo["spec_path"])
     inputs = _inputs(tiny_demo, tmp_path, n=6)
+    from teachers.inputs import load_inputs
+
     graph = TeacherGraph(spec)
-    victim = {}
+    victim = {"id": load_inputs(inputs, spec.inputs)[0][1].input_id}
     real_run = graph.nodes["retriever"].run
 
     def flaky(batch):
-        victim.setdefault("id", batch[1].input_id)
         if any(item.input_id == victim["id"] for item in batch):
             raise RuntimeError("index shard unavailable")
         return real_run(batch)
