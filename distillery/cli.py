@@ -100,6 +100,100 @@ def demo(
     run_demo(wd, preset=preset, fresh=fresh, train_teachers=train_teachers)
 
 
+@app.command()
+def train(
+    spec: Path = typer.Argument(..., help="Spec YAML."),
+    traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI[@VERSION] (default: next to the spec)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Student folder (default: next to the spec)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm-start from a saved student."),
+) -> None:
+    """Train the student on a trace-store version (progress bar, per-epoch metrics)."""
+    runtime.configure()
+    s = _load_spec(spec)
+    from students.train import train as run_train
+
+    uri = traces or str(spec.resolve().parent / "traces.lance")
+    out_dir = out or spec.resolve().parent / "student"
+    result = run_train(s, uri, None, out_dir, resume=resume, init_from=init_from, progress=True)
+    console.print(f"student written to {result.out_dir} from {result.traces_uri}@{result.traces_version} "
+                  f"({result.num_train} train / {result.num_val} val records, {result.seconds:.0f} s)")
+    print(json.dumps({"out_dir": str(result.out_dir), "traces_version": result.traces_version,
+                      "metrics": result.metrics}, default=str))
+
+
+@app.command()
+def distill(
+    spec: Path = typer.Argument(..., help="Spec YAML."),
+    inputs: Path = typer.Option(..., "--inputs", help="Inputs to record and train on."),
+    traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI (default: next to the spec)."),
+    eval_inputs: Optional[Path] = typer.Option(None, "--eval-inputs", help="Held-out inputs for evaluation."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Students and local MLflow store."),
+    no_warm_start: bool = typer.Option(False, "--no-warm-start", help="Train from scratch even if a champion exists."),
+) -> None:
+    """Record -> train -> evaluate -> register -> promote (the Prefect `distill` flow, locally)."""
+    runtime.configure()
+    s = _load_spec(spec)
+    from flows.distill import distill_flow
+
+    base = spec.resolve().parent
+    result = distill_flow(spec=s, inputs=str(inputs), traces=traces or str(base / "traces.lance"),
+                          eval_inputs=str(eval_inputs) if eval_inputs else None,
+                          workdir=str(workdir or base / "runs"), warm_start=not no_warm_start)
+    print(json.dumps(result, default=str))
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="NAME, NAME@ALIAS, NAME/VERSION or models:/ URI."),
+    to: Path = typer.Option(..., "--to", help="Folder to write the self-contained student into."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI)."),
+) -> None:
+    """Download a registered student into a folder that answers with no MLflow server."""
+    runtime.configure()
+    from registry.models import pull as do_pull
+
+    console.print(f"pulled into {do_pull(model, to, tracking_uri=tracking_uri)}")
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A pulled folder or a student folder."),
+    image: Path = typer.Option(..., "--image", help="Image file."),
+    question: str = typer.Option(..., "--question", help="Question text."),
+) -> None:
+    """Answer one image + question with a student folder (JSON out)."""
+    runtime.configure()
+    from registry.models import predict_dir
+
+    print(json.dumps(predict_dir(model_dir, image, question), default=str))
+
+
+@app.command()
+def serve(
+    spec: Path = typer.Argument(..., help="Spec YAML."),
+    inputs: Path = typer.Option(..., "--inputs", help="Inputs folder the deployments record from."),
+    traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI (default: next to the spec)."),
+    eval_inputs: Optional[Path] = typer.Option(None, "--eval-inputs", help="Held-out inputs."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Students and local MLflow store."),
+    cron: str = typer.Option("0 3 * * *", "--cron", help="Schedule of the recurring distillation."),
+) -> None:
+    """Serve the deployments (distill/manual, distill/recurring on a cron, train/local) from this process.
+
+    Point PREFECT_API_URL at a Prefect server (`prefect server start`) to trigger them from its UI."""
+    runtime.configure()
+    s = _load_spec(spec)
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import build_deployments
+
+    base = spec.resolve().parent
+    deps = build_deployments(s, str(inputs.resolve()), traces or str(base / "traces.lance"),
+                             str((workdir or base / "runs").resolve()), cron,
+                             str(eval_inputs.resolve()) if eval_inputs else None)
+    prefect_serve(*deps)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

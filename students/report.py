@@ -1,0 +1,48 @@
+"""Headline figures from a per-node evaluation report (what gates and dashboards read).
+
+``evaluate_student`` returns ``{node: {metric: value}}``; the registry's promotion gate and the
+Prefect/MLflow tables want a flat dict with one well-known name per capability, whatever the
+nodes are called in the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+# per-node metric -> headline name (averaged over the nodes that have it)
+HEADLINES = {"answer_em": "answer_agreement", "map50": "detection_map50", "map50_95": "detection_map50_95",
+             "mask_iou": "mask_iou", "top1": "retrieval_top1", "token_kl": "token_kl"}
+
+
+def headline_metrics(report: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{"answer_agreement": .., "detection_map50": .., ...}`` averaged over nodes."""
+    sums: dict[str, list[float]] = {}
+    for metrics in report.values():
+        for key, value in metrics.items():
+            name = HEADLINES.get(key)
+            if name and isinstance(value, (int, float)) and math.isfinite(value):
+                sums.setdefault(name, []).append(float(value))
+    return {name: sum(v) / len(v) for name, v in sums.items()}
+
+
+def flat_metrics(report: Mapping[str, Mapping[str, float]], prefix: str = "fidelity") -> dict[str, float]:
+    """``{"fidelity.reasoner.answer_em": ..}`` for MLflow (finite numbers only)."""
+    return {f"{prefix}.{node}.{k}": float(v) for node, m in report.items() for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def fidelity_rows(report: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None = None,
+                  ) -> list[dict[str, Any]]:
+    """Table rows (node, metric, value[, baseline, change]) for Prefect and the CLI."""
+    rows = []
+    for node, metrics in report.items():
+        for key, value in metrics.items():
+            if key == "n":
+                continue
+            row = {"node": node, "metric": key, "value": round(float(value), 4), "n": metrics.get("n")}
+            if baseline is not None and key in baseline.get(node, {}):
+                row["baseline"] = round(float(baseline[node][key]), 4)
+                row["change"] = round(float(value) - float(baseline[node][key]), 4)
+            rows.append(row)
+    return rows
