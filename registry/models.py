@@ -1,0 +1,382 @@
+"""Log, register, promote and pull students (MLflow models-from-code, aliases, no stages).
+
+```python
+uri = log_student(student_dir, spec, metrics, lineage, run_id=run.info.run_id)
+mv = register_student(uri, spec, metrics, lineage)           # idempotent per training run
+decision = promote(mv.name, mv.version, metrics, spec.registry.gate,
+                   spec.registry.comparison_metric())       # challenger always, champion if earned
+pull("shapes-demo@champion", Path("students/shapes"))       # self-contained folder
+predict_dir(Path("students/shapes"), "img.png", "How many hazards?")
+```
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
+
+from registry.config import CHALLENGER, CHAMPION, RegistryConfig
+from registry.tracking import setup
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+LOGGED_NAME = "student"  # name of the logged model inside its run
+STUDENT_FILES = ("model.safetensors", "config.json")  # the minimum a student folder holds
+LINEAGE_KEYS = ("graph_fingerprint", "traces_version", "traces_uri", "spec_hash",
+                "prefect_flow_run_id", "git_commit", "train_run_id")
+METRIC_TAG = "metric."  # version tag prefix for the metrics the version was registered with
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
+    outputs=Schema([
+        ColSpec("string", "answer"), ColSpec(Array(Array("double")), "boxes"),
+        ColSpec(Array("long"), "classes"), ColSpec(Array("string"), "labels"),
+        ColSpec(Array("double"), "scores"), ColSpec("string", "masks"),
+        ColSpec(Array("string"), "documents"), ColSpec(Array("double"), "document_scores"),
+        ColSpec("string", "outputs"),
+    ]),
+)
+
+
+def use_store(tracking_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri``; else keep a URI already set (env or earlier call); else
+    the default store (RegistryConfig: $MLFLOW_TRACKING_URI, then the local SQLite store)."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if tracking_uri or not is_tracking_uri_set():
+        uri = tracking_uri or RegistryConfig().resolve_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
+# -- logging and registering -----------------------------------------------------------------------
+def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], lineage: Mapping[str, Any],
+                run_id: str | None = None, workdir: str | Path | None = None) -> str:
+    """Log the student folder as a pyfunc model in the training run; return its model URI.
+
+    run_id: the training run (default: the active run, else a new run). Logging twice into the
+    same run returns the first model's URI. ``metrics`` are logged on the run."""
+    model_dir = check_student_dir(model_dir)
+    cfg: RegistryConfig = spec.registry
+    exp_id = setup(cfg, cfg.experiment or spec.name, workdir)
+    run_id = run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if run_id is not None and (found := _logged_model_of_run(run_id)) is not None:
+        return found
+    with _in_run(run_id, exp_id) as run:
+        mlflow.set_tags({k: str(v) for k, v in lineage.items() if k in LINEAGE_KEYS})
+        mlflow.log_metrics(_numeric(metrics))
+        info = mlflow.pyfunc.log_model(
+            name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(model_dir)},
+            signature=SIGNATURE, input_example=example_input(), pip_requirements=cfg.requirements(),
+            metadata={"distillery_spec": spec.name, "train_run_id": run.info.run_id},
+        )
+        return info.model_uri
+
+
+@contextmanager
+def _in_run(run_id: str | None, experiment_id: str) -> Iterator[mlflow.ActiveRun]:
+    """The active run if it is ``run_id`` (left open), else ``run_id`` resumed (or a new run)."""
+    active = mlflow.active_run()
+    if active is not None and run_id in (None, active.info.run_id):
+        yield active
+        return
+    if active is not None:
+        raise ValueError(f"log_student: run {run_id} requested while run {active.info.run_id} is active")
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as run:
+        yield run
+
+
+def register_student(model_uri: str, spec: Any, metrics: Mapping[str, float], lineage: Mapping[str, Any],
+                     eval_set: str | None = None, workdir: str | Path | None = None) -> ModelVersion:
+    """Register a logged student as a version of the model named after the spec.
+
+    Tags: the lineage (graph_fingerprint, traces_version, traces_uri, spec_hash,
+    prefect_flow_run_id, git_commit, train_run_id; "unknown" when not given), ``metric.<name>``
+    for every metric, and ``eval_set`` (identity of the evaluation set) when given. The same
+    training run registered twice returns the existing version."""
+    cfg: RegistryConfig = spec.registry
+    setup(cfg, cfg.experiment or spec.name, workdir)
+    name = cfg.model_name or spec.name
+    client = mlflow.MlflowClient()
+    run_id = _source_run_id(model_uri)
+    existing = find_version_for_run(client, name, run_id)
+    if existing is not None:
+        return existing
+    tags = lineage_tags(lineage, spec, run_id)
+    tags.update({METRIC_TAG + k: repr(v) for k, v in _numeric(metrics).items()})
+    if eval_set:
+        tags["eval_set"] = eval_set
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def log_and_register(model_dir: str | Path, spec: Any, metrics: Mapping[str, float],
+                     lineage: Mapping[str, Any] | None = None, run_id: str | None = None,
+                     eval_set: str | None = None, workdir: str | Path | None = None) -> ModelVersion:
+    """``log_student`` + ``register_student``; lineage defaults to the folder's lineage.json
+    (values given here win)."""
+    path = Path(model_dir) / "lineage.json"
+    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **(lineage or {})}
+    uri = log_student(model_dir, spec, metrics, merged, run_id=run_id, workdir=workdir)
+    return register_student(uri, spec, metrics, merged, eval_set=eval_set, workdir=workdir)
+
+
+def lineage_tags(lineage: Mapping[str, Any], spec: Any, run_id: str | None) -> dict[str, str]:
+    tags = {k: "unknown" for k in LINEAGE_KEYS}
+    tags.update({"spec_hash": spec.spec_hash(), "git_commit": git_commit(), "train_run_id": run_id or "unknown"})
+    tags.update({k: str(v) for k, v in lineage.items() if v is not None})
+    return tags
+
+
+def find_version_for_run(client: mlflow.MlflowClient, name: str, run_id: str | None) -> ModelVersion | None:
+    """The version of ``name`` registered from ``run_id`` (by source run, or the train_run_id tag)."""
+    if not run_id:
+        return None
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    for query in (f"name = '{name}' and run_id = '{run_id}'", f"name = '{name}' and tags.train_run_id = '{run_id}'"):
+        found = client.search_model_versions(query)
+        if found:
+            return min(found, key=lambda v: int(v.version))
+    return None
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the project checkout, or "unknown" (no git, not a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def check_student_dir(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"student folder {model_dir}: not a directory")
+    missing = [f for f in STUDENT_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"student folder {model_dir}: missing {', '.join(missing)}")
+    return model_dir.resolve()
+
+
+def example_input():
+    """A tiny base64 PNG and a question: the logged model's input example."""
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()],
+                         "question": ["How many objects are there?"]})
+
+
+def _logged_model_of_run(run_id: str) -> str | None:
+    exp_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}' AND name = '{LOGGED_NAME}'")
+    return f"models:/{found[0].model_id}" if found else None
+
+
+def _source_run_id(model_uri: str) -> str | None:
+    if model_uri.startswith("runs:/"):
+        return model_uri.split("/")[1]
+    if model_uri.startswith("models:/m-"):
+        return mlflow.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+    return None
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+# -- promotion -------------------------------------------------------------------------------------
+@dataclass
+class PromotionDecision:
+    """Whether ``champion`` moved to the candidate, and why (failed checks, or passed ones)."""
+
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None
+    previous_champion: str | None = None
+
+
+def decide_promotion(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
+                     gate: Mapping[str, float], comparison_metric: str | None) -> PromotionDecision:
+    """Pure rule: every gate metric reaches its minimum, and the candidate is not worse than
+    the champion on ``comparison_metric`` (higher is better; no champion = nothing to beat)."""
+    failed, passed = [], []
+    for metric, minimum in gate.items():
+        value = candidate.get(metric)
+        if value is None or not math.isfinite(value):
+            failed.append(f"gate: metric {metric!r} missing from the candidate's metrics")
+        elif value < minimum:
+            failed.append(f"gate: {metric} {value:.4g} < {minimum:.4g}")
+        else:
+            passed.append(f"gate: {metric} {value:.4g} >= {minimum:.4g}")
+    if comparison_metric and champion is not None:
+        value, best = candidate.get(comparison_metric), champion.get(comparison_metric)
+        if value is None or not math.isfinite(value):
+            failed.append(f"comparison: metric {comparison_metric!r} missing from the candidate's metrics")
+        elif best is None or not math.isfinite(best):
+            passed.append(f"comparison: champion has no {comparison_metric}; nothing to beat")
+        elif value < best:
+            failed.append(f"comparison: {comparison_metric} {value:.4g} < champion's {best:.4g}")
+        else:
+            passed.append(f"comparison: {comparison_metric} {value:.4g} >= champion's {best:.4g}")
+    elif champion is None:
+        passed.append("no champion yet")
+    return PromotionDecision(promoted=not failed, reasons=failed or passed)
+
+
+def promote(model_name: str, version: str | int, metrics: Mapping[str, float] | None = None,
+            gate: Mapping[str, float] | None = None, comparison_metric: str | None = None,
+            champion_metrics: Mapping[str, float] | None = None,
+            eval_set: str | None = None, tracking_uri: str | None = None) -> PromotionDecision:
+    """Move ``challenger`` to the newest version; move ``champion`` to ``version`` if it earns it.
+
+    metrics: the candidate's (default: its ``metric.*`` version tags). champion_metrics: the
+    current champion evaluated on the same set (default: its ``metric.*`` tags, else its run's
+    metrics, refused when its ``eval_set`` tag differs from ``eval_set``). The decision and its
+    reasons are written as version tags ``promotion`` / ``promotion_reasons``. tracking_uri:
+    see ``use_store``."""
+    use_store(tracking_uri)
+    client = mlflow.MlflowClient()
+    version = str(version)
+    newest = max(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
+    client.set_registered_model_alias(model_name, CHALLENGER, newest.version)
+    candidate = client.get_model_version(model_name, version)
+    current = _alias_version(client, model_name, CHAMPION)
+    if current is not None and current.version == version:
+        return PromotionDecision(True, ["already champion"], version, version)
+    cand_metrics = dict(metrics) if metrics is not None else version_metrics(client, candidate)
+    champ_metrics, mismatch = None, None
+    if current is not None:
+        champ_metrics = dict(champion_metrics) if champion_metrics is not None else version_metrics(client, current)
+        theirs = current.tags.get("eval_set")
+        if champion_metrics is None and eval_set and theirs and theirs != eval_set:
+            mismatch = (f"comparison: champion v{current.version} was evaluated on another set "
+                        f"({theirs} != {eval_set}); pass champion_metrics measured on this set")
+    decision = decide_promotion(cand_metrics, champ_metrics, gate or {}, comparison_metric)
+    if mismatch:
+        decision = PromotionDecision(False, [mismatch] + ([] if decision.promoted else decision.reasons))
+    decision.version, decision.previous_champion = version, current.version if current else None
+    if decision.promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    client.set_model_version_tag(model_name, version, "promotion", "champion" if decision.promoted else "rejected")
+    client.set_model_version_tag(model_name, version, "promotion_reasons", json.dumps(decision.reasons))
+    return decision
+
+
+def version_metrics(client: mlflow.MlflowClient, mv: ModelVersion) -> dict[str, float]:
+    """Metrics a version was registered with (``metric.*`` tags), else its run's metrics."""
+    tagged = {k[len(METRIC_TAG):]: float(v) for k, v in mv.tags.items() if k.startswith(METRIC_TAG)}
+    if tagged or not mv.run_id:
+        return tagged
+    return dict(client.get_run(mv.run_id).data.metrics)
+
+
+def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+# -- pulling ---------------------------------------------------------------------------------------
+def model_uri_of(model_ref: str) -> str:
+    """``NAME``, ``NAME@ALIAS``, ``NAME/VERSION`` or a ``models:/`` URI -> a ``models:/`` URI.
+
+    A bare NAME means its champion, or its newest version when no champion is set."""
+    if model_ref.startswith("models:/"):
+        return model_ref
+    if "@" in model_ref or "/" in model_ref:
+        return f"models:/{model_ref}"
+    client = mlflow.MlflowClient()
+    if _alias_version(client, model_ref, CHAMPION) is not None:
+        return f"models:/{model_ref}@{CHAMPION}"
+    versions = client.search_model_versions(f"name = '{model_ref}'")
+    if not versions:
+        raise LookupError(f"model {model_ref!r}: no registered versions")
+    return f"models:/{model_ref}/{max(int(v.version) for v in versions)}"
+
+
+def resolve_version(model_uri: str) -> ModelVersion:
+    """The registered version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names."""
+    ref = model_uri.removeprefix("models:/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.partition("/")
+        if not version.isdigit():
+            raise ValueError(f"{model_uri}: use NAME, NAME@ALIAS or NAME/VERSION")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise LookupError(f"{model_uri}: not in the registry at {mlflow.get_tracking_uri()} ({e.message})") from None
+
+
+def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download a registered student into ``to``: a folder that answers with no MLflow server.
+
+    Layout: ``to/student/`` (model.safetensors, config.json, tokenizer and report files),
+    ``to/MLmodel`` (signature, requirements) and ``to/registry.json`` (name, version, aliases,
+    tags, run id). Replaces an earlier pull in ``to``; refuses any other non-empty folder.
+    tracking_uri: the registry to pull from (see ``use_store``)."""
+    to = Path(to)
+    use_store(tracking_uri)
+    if to.exists() and any(to.iterdir()) and not (to / "registry.json").exists():
+        raise FileExistsError(f"{to}: not empty and not an earlier pull; choose an empty folder")
+    mv = resolve_version(model_uri_of(model_ref))
+    to.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=to.parent, prefix=f".{to.name}-") as tmp:
+        src = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=f"{tmp}/dl"))
+        staged = Path(tmp) / "pulled"
+        shutil.copytree(src / "artifacts" / "student", staged / "student")
+        shutil.copy2(src / "MLmodel", staged / "MLmodel")
+        (staged / "registry.json").write_text(json.dumps(_registry_info(mv), indent=2))
+        if to.exists():
+            shutil.rmtree(to)
+        staged.rename(to)
+    return to
+
+
+def _registry_info(mv: ModelVersion) -> dict[str, Any]:
+    return {"name": mv.name, "version": mv.version, "aliases": list(mv.aliases or []),
+            "tags": dict(mv.tags), "run_id": mv.run_id, "source": mv.source,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def student_dir(folder: str | Path) -> Path:
+    """The student artifact inside a pulled folder (``folder/student``) or the folder itself."""
+    folder = Path(folder)
+    return check_student_dir(folder / "student" if (folder / "student").is_dir() else folder)
+
+
+def predict_dir(folder: str | Path, image: str | Path | bytes, question: str) -> dict:
+    """Answer one request from a pulled (or trained) student folder; JSON-serializable result."""
+    from registry.pyfunc_model import decode_image
+    from students.predictor import StudentPredictor
+
+    image = str(image) if isinstance(image, Path) else image
+    predictor = StudentPredictor.load(student_dir(folder), device="cpu")
+    return predictor.predict([{"image": decode_image(image, where="--image"), "question": question}])[0]

@@ -1,0 +1,124 @@
+"""The student as an MLflow pyfunc model, logged as models-from-code.
+
+MLflow copies this file into the logged model and runs it at load time; ``set_model`` at the
+bottom names the model object. Nothing is pickled: ``load_context`` rebuilds the student from
+the logged ``student`` artifact folder (safetensors weights + JSON config + tokenizer files).
+
+Input: a DataFrame (or list of dicts) with columns
+  image     path, raw bytes, or base64 string (a ``data:image/...;base64,`` prefix is fine);
+            behind ``mlflow models serve`` only base64: a client cannot make the server open files
+  question  the question text
+Output: one row per request, columns ``OUTPUT_COLUMNS``:
+  answer           the student's answer
+  boxes            [[x1, y1, x2, y2], ...] from the first detection node
+  classes, labels, scores
+  masks            COCO RLE list as a JSON string ("[]" when the node has no masks)
+  documents        retrieved document ids from the first retrieval node
+  document_scores
+  outputs          every node's full output as a JSON string (for specs with several nodes)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+# Set in MLflow's scoring server process (`mlflow models serve`, its docker image).
+SERVING_ENV = ("__pyfunc_model_path__", "_MLFLOW_IS_IN_SERVING_ENVIRONMENT")
+OUTPUT_COLUMNS = ("answer", "boxes", "classes", "labels", "scores", "masks", "documents",
+                  "document_scores", "outputs")
+
+
+class StudentModel(PythonModel):
+    """Wraps ``students.predictor.StudentPredictor`` for MLflow (load, serve, predict)."""
+
+    def load_context(self, context) -> None:
+        """Device: ``load_model(uri, model_config={"device": "cuda"})``; default cpu."""
+        from students.predictor import StudentPredictor
+
+        device = (context.model_config or {}).get("device", "cpu")
+        self.predictor = StudentPredictor.load(context.artifacts["student"], device=device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None,
+                ) -> pd.DataFrame:
+        """model_input: DataFrame with ``image`` and ``question`` columns (MLflow converts a
+        list of dicts into one; the hint stays a plain DataFrame because MLflow warns on unions);
+        returns one row per request (see module docstring)."""
+        requests = to_requests(model_input, allow_paths=not served())
+        results = self.predictor.predict(requests)
+        return pd.DataFrame([flatten_prediction(r) for r in results], columns=list(OUTPUT_COLUMNS))
+
+
+def served() -> bool:
+    """True behind MLflow's HTTP scoring server (and in log_model's simulation of it)."""
+    return any(os.environ.get(k, "").lower() not in ("", "false", "0") for k in SERVING_ENV)
+
+
+def to_requests(model_input: pd.DataFrame | list[dict], allow_paths: bool = True) -> list[dict]:
+    """Rows -> ``[{"image": bytes | path, "question": str}]``, with errors naming the row."""
+    if isinstance(model_input, pd.DataFrame):
+        missing = {"image", "question"} - set(model_input.columns)
+        if missing:
+            raise ValueError(f"model input: missing column(s) {sorted(missing)}; "
+                             "expected 'image' (path, bytes or base64) and 'question'")
+        rows = model_input[["image", "question"]].to_dict("records")
+    else:
+        rows = list(model_input)
+    return [_request(i, row, allow_paths) for i, row in enumerate(rows)]
+
+
+def _request(i: int, row: Any, allow_paths: bool) -> dict:
+    if not isinstance(row, dict) or "image" not in row or "question" not in row:
+        raise ValueError(f"model input row {i}: expected {{'image': ..., 'question': ...}}, got {row!r:.80}")
+    question = row["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"model input row {i}: 'question' must be a non-empty string")
+    return {"image": decode_image(row["image"], f"model input row {i}", allow_paths), "question": question}
+
+
+def decode_image(image: Any, where: str = "image", allow_paths: bool = True) -> bytes | str:
+    """bytes -> bytes; an existing file path -> the path (if allowed); otherwise base64 -> bytes."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
+    if allow_paths and len(image) < 4096 and not image.startswith("data:") and Path(image).is_file():
+        return image
+    data = image.split(",", 1)[1] if image.startswith("data:") else image
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        what = "an existing file nor valid base64" if allow_paths else "valid base64 (a served model takes no paths)"
+        raise ValueError(f"{where}: 'image' is neither {what}") from None
+
+
+def flatten_prediction(result: dict) -> dict:
+    """One StudentPredictor result -> one output row (see ``OUTPUT_COLUMNS``)."""
+    nodes = {k: v for k, v in result.items() if isinstance(v, dict)}
+    det = next((v for v in nodes.values() if "boxes" in v), {})
+    rag = next((v for v in nodes.values() if "ids" in v), {})
+    answer = result.get("answer")
+    if answer is None:
+        answer = next((v["answer"] for v in nodes.values() if "answer" in v), "")
+    return {
+        "answer": str(answer),
+        "boxes": [[float(c) for c in box] for box in det.get("boxes", [])],
+        "classes": [int(c) for c in det.get("classes", [])],
+        "labels": [str(c) for c in det.get("labels", [])],
+        "scores": [float(s) for s in det.get("scores", [])],
+        "masks": json.dumps(det.get("masks", [])),
+        "documents": [str(d) for d in rag.get("ids", [])],
+        "document_scores": [float(s) for s in rag.get("scores", [])],
+        "outputs": json.dumps(result),
+    }
+
+
+set_model(StudentModel())
