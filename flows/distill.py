@@ -37,10 +37,11 @@ def evaluate_task(spec: Spec, student_dir: str, traces: str, split: str = "all")
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdir: str) -> dict:
+def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdir: str,
+                  champion_report: dict | None = None) -> dict:
     """Log the run to MLflow, register the student, move the aliases."""
     from registry.models import log_student, promote, register_student
-    from registry.tracking import log_history, log_loss_curves, start_run
+    from registry.tracking import log_history, start_run
     from students.report import flat_metrics, headline_metrics
 
     headline = headline_metrics(report)
@@ -48,8 +49,7 @@ def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdi
                "traces_version": trained["traces_version"], "prefect_flow_run_id": str(runtime.flow_run.id or "")}
     with start_run(spec.registry, spec, run_name=f"distill-{spec.name}", workdir=workdir,
                    tags={"prefect_flow_run_id": lineage["prefect_flow_run_id"]}) as run:
-        log_history(trained["history"], nodes=list(spec.teachers))
-        log_loss_curves(trained["history"], nodes=list(spec.teachers))
+        log_history(trained["history"], nodes=list(spec.teachers))  # metrics per epoch + loss-curve plot
         import mlflow
 
         mlflow.log_metrics(flat_metrics(report))
@@ -57,8 +57,9 @@ def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdi
         uri = log_student(trained["out_dir"], spec, headline, lineage, run_id=run.info.run_id, workdir=workdir)
         run_id = run.info.run_id
     mv = register_student(uri, spec, headline, lineage, eval_set=eval_set, workdir=workdir)
-    decision = promote(mv.name, mv.version, headline, spec.registry.gate,
-                       spec.registry.gate_metric_for_comparison, eval_set=eval_set)
+    decision = promote(mv.name, mv.version, headline, spec.registry.gate, spec.registry.comparison_metric(),
+                       champion_metrics=headline_metrics(champion_report) if champion_report else None,
+                       eval_set=eval_set)
     return {"model_name": mv.name, "version": mv.version, "run_id": run_id, "model_uri": uri,
             "promoted": decision.promoted, "reasons": decision.reasons, "metrics": headline}
 
@@ -124,9 +125,12 @@ def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", e
     report = evaluate_task(spec, trained["out_dir"], eval_traces or traces, "all" if eval_traces else "val")
     result = {"record": recorded, "train": {k: trained[k] for k in ("out_dir", "traces_version", "seconds")},
               "fidelity": report}
+    champion_report = None
     if champion:
         result["forgetting"] = forgetting_report(spec, champion, trained, traces)
-    registered = register_task(spec, trained, report, eval_set=eval_traces or f"{traces}#val", workdir=str(work))
+        champion_report = evaluate_task(spec, champion["dir"], eval_traces or traces, "all" if eval_traces else "val")
+    registered = register_task(spec, trained, report, eval_set=eval_traces or f"{traces}#val", workdir=str(work),
+                               champion_report=champion_report)
     result["registered"] = registered
     create_table_artifact(table=fidelity_rows(report), key="fidelity",
                           description=f"Student vs teacher per node ({registered['model_name']} v{registered['version']})")
