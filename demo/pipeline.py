@@ -54,6 +54,18 @@ def default_workdir() -> Path:
     return runtime.data_dir() / "demo"
 
 
+# Student, training and registry settings per preset. `tiny` is a plumbing check (CI); `full` is
+# sized to meet the goals on 2 CPU cores within the demo's time budget.
+PRESETS = {
+    "tiny": {"training": {"epochs": 1, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 50,
+                          "val_fraction": 0.25},
+             "registry": {"gate": {}}},
+    "full": {"training": {"epochs": 12, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50,
+                          "checkpoint_every": 200, "val_fraction": 0.1},
+             "registry": {"gate": {"answer_agreement": 0.9}}},
+}
+
+
 def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Path, preset: str) -> Path:
     """The demo's spec: a YOLO segmenter, a MiniLM+FAISS retriever and a reasoning LLM."""
     from demo.kb import PROMPT_TEMPLATE
@@ -71,6 +83,7 @@ def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Pat
                          "max_new_tokens": 96, "batch_size": 16},
         },
         "record": {"shard_size": 64},
+        **PRESETS[preset],
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -108,22 +121,50 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
     from distillery.spec import load_spec
 
     spec = load_spec(spec_path)
-    for split, store in (("train", "traces.lance"), ("test", "traces-test.lance")):
+    traces = {split: str(workdir / f"traces-{split}.lance") for split in ("train", "test")}
+    for split in ("train", "test"):
         inputs = world.split_dir(split)
-        uri = str(workdir / store)
-        summary = rep.stage(f"record ({split})", lambda: run_record_flow(spec, inputs, uri))
+        summary = rep.stage(f"record ({split})", lambda: run_record_flow(spec, inputs, traces[split]))
         rep.figures[f"record_{split}"] = {k: summary[k] for k in ("written", "skipped", "quarantined", "by_reason", "version")}
         rep.paths[f"inputs_{split}"] = str(inputs)
-        rep.paths[f"traces_{split}"] = uri
-        rep.commands[f"record_{split}"] = f"distillery record {spec_path} --inputs {inputs} --traces {uri}"
+        rep.paths[f"traces_{split}"] = traces[split]
+        rep.commands[f"record_{split}"] = f"distillery record {spec_path} --inputs {inputs} --traces {traces[split]}"
 
+    from flows.distill import distill_flow
+
+    result = rep.stage("distill (train -> evaluate -> register -> promote)", lambda: distill_flow(
+        spec=spec, inputs=str(world.split_dir("train")), traces=traces["train"],
+        eval_inputs=str(world.split_dir("test")), eval_traces=traces["test"], workdir=str(workdir / "runs")))
+    reg = result["registered"]
+    rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity"), "registered": reg,
+                              "train": result.get("train"), "reused": result.get("reused", False)}
+    model_ref = f"{reg['model_name']}@champion" if reg["promoted"] else f"{reg['model_name']}/{reg['version']}"
+    rep.stage("pull and predict", lambda: _pull_and_predict(rep, model_ref, world, workdir))
     rep.figures["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     rep.commands["read_traces"] = (f"python -c \"import lance; print(lance.dataset('{workdir / 'traces.lance'}')"
                                    ".to_table().to_pandas().head())\"")
+    rep.commands["mlflow_ui"] = f"mlflow ui --backend-store-uri sqlite:///{workdir / 'runs' / 'mlflow.db'} --host 127.0.0.1"
     rep.commands["prefect_ui"] = f"PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
     path = rep.write()
     print_report(rep, path)
     return rep
+
+
+def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> None:
+    """Pull the registered student into a folder and answer one test image from it."""
+    from registry.models import predict_dir, pull
+
+    first = json.loads(world.requests_path("test").read_text().splitlines()[0])
+    image = world.split_dir("test") / first["image"]
+    folder = pull(model_ref, workdir / "pulled")
+    answer = predict_dir(folder, image, first["question"])
+    truth = next(r["answer"] for r in world.annotations("test")["requests"]
+                 if r["image"] == first["image"] and r["question"] == first["question"])
+    rep.figures["prediction"] = {"image": str(image), "question": first["question"], "answer": answer.get("answer"),
+                                 "ground_truth": truth}
+    rep.paths["pulled_student"] = str(folder)
+    rep.commands["predict"] = (f"distillery predict {folder} --image {image} --question \"{first['question']}\"")
+    rep.commands["pull"] = f"distillery pull {model_ref} --to ./student"
 
 
 def print_report(rep: DemoReport, path: Path) -> None:

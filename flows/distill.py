@@ -64,6 +64,25 @@ def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdi
             "promoted": decision.promoted, "reasons": decision.reasons, "metrics": headline}
 
 
+def already_registered(spec: Spec, traces: str, version: int | None) -> dict | None:
+    """The version registered from exactly these traces (uri + version) and this spec, if any:
+    rerunning the flow over unchanged data registers nothing new."""
+    import mlflow
+
+    name = spec.registry.model_name or spec.name
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    except Exception:  # no registered model yet
+        return None
+    for mv in versions:
+        t = mv.tags
+        if (t.get("traces_uri") == str(traces) and t.get("traces_version") == str(version)
+                and t.get("spec_hash") == spec.spec_hash()):
+            return {"model_name": name, "version": mv.version, "run_id": mv.run_id,
+                    "promoted": "champion" in (mv.aliases or []), "reasons": ["reused"]}
+    return None
+
+
 def _champion(spec: Spec, workdir: Path) -> dict | None:
     """The current champion pulled into the workdir, with the trace version it was trained on."""
     from registry.models import pull, resolve_version
@@ -116,6 +135,11 @@ def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", e
     if eval_inputs:
         eval_traces = eval_traces or str(Path(traces).with_name(Path(traces).stem + "-eval.lance"))
         record_flow(spec=spec, inputs=eval_inputs, traces=eval_traces)
+    done = already_registered(spec, traces, recorded["version"])
+    if done is not None:
+        logger.info("a student for %s@%s is already registered (v%s): nothing to train", traces,
+                    recorded["version"], done["version"])
+        return {"record": recorded, "registered": done, "reused": True}
     champion = _champion(spec, work) if warm_start else None
     out_dir = work / "students" / f"v{recorded['version']}"
     params = {"spec": spec, "traces": traces, "out_dir": str(out_dir), "version": recorded["version"],
