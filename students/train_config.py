@@ -1,13 +1,58 @@
-"""Typed config for training the student (owned by the trainer work)."""
+"""Typed config for training the student (owned by the trainer work).
+
+Every field is a spec key under ``training:``; the Prefect UI renders them as a form.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrainConfig(BaseModel):
-    """How the student is trained."""
+    """How the student is trained: optimisation, schedule, checkpoints, devices, data split."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(10, ge=1)
-    seed: int = 0
+
+    # -- length ---------------------------------------------------------------------------------
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps "
+                                  "(caps `epochs`; the schedule is built for the capped length).")
+    batch_size: int = Field(16, ge=1, description="Records per optimizer step on each process.")
+
+    # -- optimiser (AdamW + linear warmup then cosine decay) ----------------------------------------
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate after warmup.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps before the cosine decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global grad norm to this "
+                                    "(None: no clipping).")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    checkpoint_every: int = Field(200, ge=1, description="Write a resumable checkpoint every N "
+                                  "optimizer steps (and always at the last step).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+
+    # -- data ----------------------------------------------------------------------------------------
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of distinct IMAGES held "
+                                "out for validation (split by a hash of the image bytes).")
+    replay_fraction: float = Field(0.25, ge=0.0, le=1.0, description="Continual runs: share of the "
+                                   "training mix drawn from older records (n_old = f / (1 - f) * n_new; "
+                                   "1: all of them); see students.continual.replay_sample.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the "
+                             "training process; exact resume holds for any value when the "
+                             "dataset is deterministic).")
+    agreement_every: int = Field(1, ge=0, description="Measure agreement with the teacher on the "
+                                 "validation split every N epochs (0: only after the last epoch).")
+
+    # -- devices ----------------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available. "
+                                                    "Under torchrun each process takes cuda:LOCAL_RANK.")
+    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16 "
+                      "with a GradScaler). Ignored on CPU.")
+    deterministic: bool = Field(True, description="Use deterministic kernels (torch."
+                                "use_deterministic_algorithms, warn-only): two runs with the same seed "
+                                "- or a run and its interrupted-and-resumed twin - end with identical "
+                                "weights. Off: a little faster, equal only up to float noise.")
+    seed: int = Field(0, description="Seeds weights, data order and dropout; the same seed gives "
+                      "the same weights, with or without an interruption and resume.")
