@@ -77,11 +77,13 @@ def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], 
     run_id = run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
     if run_id is not None and (found := _logged_model_of_run(run_id)) is not None:
         return found
-    with _in_run(run_id, exp_id) as run:
+    with _in_run(run_id, exp_id) as run, tempfile.TemporaryDirectory(prefix="student-") as tmp:
         mlflow.set_tags({k: str(v) for k, v in lineage.items() if k in LINEAGE_KEYS})
         mlflow.log_metrics(_numeric(metrics))
+        # The trainer's resumable checkpoints live in the student folder; they are not the model.
+        staged = shutil.copytree(model_dir, Path(tmp) / "student", ignore=shutil.ignore_patterns("checkpoints"))
         info = mlflow.pyfunc.log_model(
-            name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(model_dir)},
+            name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(staged)},
             signature=SIGNATURE, input_example=example_input(), pip_requirements=cfg.requirements(),
             metadata={"distillery_spec": spec.name, "train_run_id": run.info.run_id},
         )
