@@ -166,7 +166,7 @@ def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", e
 
 def _train(spec: Spec, params: dict) -> dict:
     """In-process by default; on the deployment named by ``spec.training.deployment`` if set."""
-    deployment = getattr(spec.training, "deployment", None)
+    deployment = spec.training.deployment
     if not deployment:
         return train_flow(**params)
     from prefect.deployments import run_deployment

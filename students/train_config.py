@@ -56,3 +56,6 @@ class TrainConfig(BaseModel):
                                 "weights. Off: a little faster, equal only up to float noise.")
     seed: int = Field(0, description="Seeds weights, data order and dropout; the same seed gives "
                       "the same weights, with or without an interruption and resume.")
+    deployment: str | None = Field(None, description="Run the train step as this Prefect deployment "
+                                   "(e.g. 'train/gpu' on the gpu work pool, see prefect.yaml); None: "
+                                   "in-process. Trace store and output paths must be shared storage.")
