@@ -1,12 +1,97 @@
-"""Typed config for the student model (owned by the student-model work)."""
+"""Typed config for the student model: sizes, loss weights, distillation and inference settings.
+
+Every field is a spec key under ``student:``; the Prefect UI renders them as a form. The defaults
+make a ~1.3M-parameter student (vision encoder 0.5M, text decoder 0.65M + the vocabulary's
+embeddings, heads ~0.1M) that reads a 128 px image and a short question.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StudentConfig(BaseModel):
-    """Sizes of the multimodal student."""
+    """Sizes of the multimodal student, how its losses are weighted, and how it decodes."""
 
     model_config = ConfigDict(extra="forbid")
-    image_size: int = Field(128, ge=32, description="Square input size of the vision encoder.")
+
+    # -- vision encoder ---------------------------------------------------------------------------
+    image_size: int = Field(128, ge=32, description="Square input size of the vision encoder "
+                            "(images are resized to it, aspect ratio not kept; a multiple of 16).")
+    vision_widths: tuple[int, int, int, int] = Field(
+        (16, 32, 64, 128), description="Channels of the conv stages at strides 2, 4, 8 and 16.")
+    image_grid: int = Field(8, ge=1, description="Image tokens per side: the stride-16 features are "
+                            "average-pooled to image_grid x image_grid tokens for the text decoder.")
+    channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
+                                "format (faster on CPU and on tensor cores).")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a "
+                         "training image (boxes and masks flipped with it). Deterministic per "
+                         "(seed, epoch, index): see TraceDataset.set_epoch.")
+
+    # -- text decoder -------------------------------------------------------------------------------
+    d_model: int = Field(128, ge=16, description="Width of the text decoder.")
+    n_layers: int = Field(3, ge=1, description="Transformer blocks in the text decoder.")
+    n_heads: int = Field(4, ge=1, description="Attention heads per block (must divide d_model).")
+    mlp_ratio: int = Field(4, ge=1, description="MLP hidden width = mlp_ratio * d_model.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the text decoder.")
+    max_question_tokens: int = Field(32, ge=1, description="Questions are cut to this many tokens.")
+    max_answer_tokens: int = Field(16, ge=1, description="Longest answer (targets are cut; "
+                                   "greedy decoding stops here), eos included.")
+    max_rationale_tokens: int = Field(128, ge=1, description="Rationale targets (the teacher's "
+                                      "whole generated text) are cut to this many tokens.")
+
+    # -- heads ---------------------------------------------------------------------------------------
+    det_width: int = Field(64, ge=8, description="Channels of the detection head's conv tower.")
+    num_prototypes: int = Field(16, ge=1, description="Prototype masks (segmentation nodes).")
+    det_center_radius: float = Field(1.5, gt=0, description="Box regression positives (FCOS center "
+                                     "sampling): locations inside a box within this many strides of "
+                                     "its center.")
+
+    # -- loss weights ---------------------------------------------------------------------------------
+    loss_weights: dict[str, float] = Field(default_factory=dict, description="Weight per teacher "
+                                           "node name (missing nodes: 1.0).")
+    auto_balance: bool = Field(False, description="Divide each node's loss by a running mean of its "
+                               "own magnitude before weighting, so nodes whose losses differ by "
+                               "orders of magnitude contribute alike.")
+    balance_momentum: float = Field(0.99, ge=0.0, lt=1.0, description="EMA momentum of auto_balance.")
+    box_weight: float = Field(2.0, ge=0.0, description="GIoU box loss weight inside a detection node.")
+    mask_weight: float = Field(1.0, ge=0.0, description="Mask loss weight inside a segmentation node.")
+
+    # -- distillation -----------------------------------------------------------------------------------
+    kd_temperature: float = Field(2.0, gt=0.0, description="Temperature T of token-level KD "
+                                  "(the KL is scaled by T^2, Hinton et al. 2015).")
+    kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of the KD term in the text "
+                            "loss; 1 - alpha goes to cross-entropy on the teacher's tokens.")
+    kd_kind: Literal["forward", "reverse", "jsd"] = Field("forward", description="Divergence of "
+                                                          "token-level KD.")
+    kd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight of the JSD kind.")
+    rationale_weight: float = Field(0.5, ge=0.0, description="Weight of the rationale task "
+                                    "(distilling step by step) relative to the answer task.")
+    retrieval_temperature: float = Field(0.05, gt=0.0, description="Teacher retrieval scores "
+                                         "(cosine similarities) are softmaxed at this temperature.")
+    retrieval_ce_weight: float = Field(0.5, ge=0.0, description="Weight of cross-entropy on the "
+                                       "teacher's top-1 document next to the KL.")
+
+    # -- inference ------------------------------------------------------------------------------------------
+    det_conf: float | None = Field(None, ge=0.0, le=1.0, description="Detection score threshold; "
+                                   "None: the teacher node's conf.")
+    det_iou: float | None = Field(None, ge=0.0, le=1.0, description="NMS IoU threshold; None: the "
+                                  "teacher node's iou.")
+    max_det: int | None = Field(None, ge=1, description="Most detections per image; None: the "
+                                "teacher node's max_det.")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "StudentConfig":
+        if self.image_size % 16:
+            raise ValueError(f"image_size {self.image_size}: must be a multiple of 16 (the encoder's stride)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.image_grid > self.image_size // 16:
+            raise ValueError(f"image_grid {self.image_grid} exceeds the stride-16 grid "
+                             f"({self.image_size // 16} for image_size {self.image_size})")
+        return self
+
+    def weight(self, node: str) -> float:
+        return float(self.loss_weights.get(node, 1.0))

@@ -1,0 +1,265 @@
+"""One head per teacher node, chosen by the node's type from a registry (``yolo``, ``rag``, ``llm``).
+
+A head gets the shared features of one forward pass (``Features``: the conv pyramid and the text
+decoder's hidden states) and returns its raw outputs; ``loss`` compares them with the node's
+targets from ``students.data.collate``; ``postprocess`` turns one input's outputs into the
+teacher node's output format (JSON-ready). Heads that read the text decoder ask for their own
+tokens in its sequence through ``segments`` (a retrieval query token; the answer and rationale
+tasks). Lookups fail with the list of known keys; configs never name code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from students import losses
+from students.config import StudentConfig
+
+
+@dataclass
+class Segment:
+    """Tokens a head appends to the decoder's sequence after [image tokens + question]: they see
+    the prefix and (causally) each other, never another segment."""
+
+    name: str
+    embeds: Tensor  # (B, L, d)
+    valid: Tensor  # (B, L) bool
+
+
+@dataclass
+class Features:
+    maps: dict[str, Tensor]  # "p4" (B, C4, S/4, S/4) (segmentation only), "p8", "p16"
+    text: dict[str, Tensor] = field(default_factory=dict)  # segment name -> hidden (B, L, d)
+    lm_head: Callable[[Tensor], Tensor] | None = None  # hidden (..., d) -> logits (..., V)
+
+
+HEADS: dict[str, type["Head"]] = {}
+
+
+def register_head(key: str):
+    def wrap(cls):
+        if key in HEADS and HEADS[key] is not cls:
+            raise ValueError(f"head type {key!r} is already registered by {HEADS[key]}")
+        HEADS[key] = cls
+        return cls
+    return wrap
+
+
+def head_class(key: str) -> type["Head"]:
+    """The head for a teacher node type, failing with the known keys."""
+    try:
+        return HEADS[key]
+    except KeyError:
+        raise KeyError(f"no student head for node type {key!r}; known: {', '.join(sorted(HEADS))}") from None
+
+
+class Head(nn.Module):
+    """Base: ``name`` is the teacher node's name, ``node`` its schema entry."""
+
+    generative = False  # True: the model decodes text for this head at inference
+
+    def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
+        super().__init__()
+        self.name, self.node, self.cfg = name, node, cfg
+
+    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+        return []
+
+    def forward(self, feats: Features) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def conv_bn_act(c1: int, c2: int, k: int = 3, s: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU(inplace=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# yolo -> detection (+ instance masks)
+# ---------------------------------------------------------------------------------------------
+
+@register_head("yolo")
+class DetectionHead(Head):
+    """Anchor-free head on the stride-8 features: per location class scores (CenterNet heatmaps
+    peaking at the teacher's per-class scores) and box distances l, t, r, b (trained at FCOS
+    positives); with task segment, YOLACT prototypes (stride 4) and per-location coefficients."""
+
+    def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
+        super().__init__(name, node, cfg)
+        c4, c8, w = cfg.vision_widths[1], cfg.vision_widths[2], cfg.det_width
+        self.num_classes, self.segment = int(node["num_classes"]), node.get("task") == "segment"
+        self.tower = nn.Sequential(conv_bn_act(c8, w), conv_bn_act(w, w))
+        self.cls = nn.Conv2d(w, self.num_classes, 1)
+        self.box = nn.Conv2d(w, 4, 1)
+        nn.init.constant_(self.cls.bias, -4.6)  # prior 0.01 (RetinaNet)
+        if self.segment:
+            self.coef = nn.Conv2d(w, cfg.num_prototypes, 1)
+            self.proto = nn.Sequential(conv_bn_act(c4, c4), nn.Conv2d(c4, cfg.num_prototypes, 1))
+        n = cfg.image_size // 8
+        centers = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        gy, gx = torch.meshgrid(centers, centers, indexing="ij")
+        self.register_buffer("points", torch.stack([gx, gy], -1).view(-1, 2), persistent=False)  # (P, 2)
+        self.stride = 1.0 / n  # one stride, normalized
+
+    def forward(self, feats: Features) -> dict[str, Tensor]:
+        x = self.tower(feats.maps["p8"])  # (B, w, S/8, S/8)
+        flat = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  (B, c, H, W) -> (B, P, c)
+        dist = F.softplus(flat(self.box(x)).float()) * self.stride  # (B, P, 4) normalized l, t, r, b
+        boxes = torch.cat([self.points - dist[..., :2], self.points + dist[..., 2:]], -1)  # (B, P, 4) xyxy
+        out = {"cls": flat(self.cls(x)), "boxes": boxes}  # (B, P, C) logits, (B, P, 4)
+        if self.segment:
+            out["coef"] = flat(self.coef(x))  # (B, P, M)
+            out["protos"] = self.proto(feats.maps["p4"])  # (B, M, S/4, S/4)
+        return out
+
+    def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        mask, valid = target["mask"], target["valid"] & target["mask"][:, None]  # (B,), (B, N)
+        boxes, cfg = target["boxes"], self.cfg
+        matched = losses.fcos_assign(self.points, boxes, valid, self.stride, cfg.det_center_radius)  # (B, P)
+        heat = losses.center_heatmaps(self.points, boxes, valid, target["probs"], self.stride)  # (B, P, C)
+        total = losses.detection_loss(out["cls"], out["boxes"], self.points, matched, heat, boxes, mask,
+                                      valid.sum(), cfg.box_weight)
+        if self.segment:
+            pos = (matched >= 0) & (target["has_masks"] & mask)[:, None]
+            m = losses.mask_loss(out["coef"], out["protos"], matched, pos, target["masks"].float() / 255, boxes)
+            total = total + cfg.mask_weight * m
+        return total
+
+    def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
+        NMS as a safety net, masks at the original image size as COCO RLE."""
+        from teachers.yolo import describe_detections, mask_to_rle
+
+        node, cfg = self.node, self.cfg
+        conf = cfg.det_conf if cfg.det_conf is not None else node.get("conf", 0.25)
+        iou = cfg.det_iou if cfg.det_iou is not None else node.get("iou", 0.7)
+        max_det = cfg.max_det or node.get("max_det", 100)
+        probs = out["cls"][i].float().sigmoid()  # (P, C)
+        n = round(1 / self.stride)
+        grid = probs.T.reshape(1, -1, n, n)  # (1, C, n, n)
+        peaks = (grid == F.max_pool2d(grid, 3, 1, 1)).reshape(-1, n * n).T  # (P, C)
+        scores, classes = (probs * peaks).max(-1)  # (P,): the best peak class per location
+        keep = (scores > conf).nonzero().view(-1)
+        keep = keep[scores[keep].argsort(descending=True)[: max(4 * max_det, 100)]]
+        boxes = out["boxes"][i].float().clamp(0, 1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], iou)][:max_det]
+        names = node.get("class_names", [])
+        labels = [names[c] if c < len(names) else str(c) for c in classes[keep].tolist()]
+        h, w = image_size
+        res = {"boxes": boxes[keep].tolist(), "classes": classes[keep].tolist(), "scores": scores[keep].tolist(),
+               "class_probs": probs[keep].tolist(), "labels": labels, "masks": [],
+               "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
+        if self.segment:
+            res["masks"] = [mask_to_rle(m) for m in self.instance_masks(out, i, keep, boxes[keep], (h, w))]
+        return res
+
+    @staticmethod
+    def instance_masks(out: dict[str, Tensor], i: int, keep: Tensor, boxes: Tensor, size: tuple[int, int]):
+        """(n,) kept locations -> n binary masks (H, W) uint8 at the original size, cut to their box."""
+        logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())  # (n, h', w')
+        h, w = size
+        for m, box in zip(logits, boxes):  # one at a time: a full-size float mask per box can be large
+            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            region = losses.box_region(box[None], h, w)[0]
+            yield ((full > 0) & region).to(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# rag -> retrieval over the knowledge base (no retriever at run time)
+# ---------------------------------------------------------------------------------------------
+
+@register_head("rag")
+class RetrievalHead(Head):
+    """Scores over the knowledge base's documents from a query token that reads the image and
+    the question in the decoder."""
+
+    def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
+        super().__init__(name, node, cfg)
+        self.query = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, len(node["doc_ids"]))
+
+    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+        B = batch["images"].shape[0]
+        valid = torch.ones(B, 1, dtype=torch.bool, device=self.query.device)
+        return [Segment(f"{self.name}/query", self.query.expand(B, 1, -1), valid)]
+
+    def forward(self, feats: Features) -> dict[str, Tensor]:
+        h = feats.text[f"{self.name}/query"][:, 0]  # (B, d)
+        return {"logits": self.out(self.norm(h))}  # (B, D)
+
+    def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        return losses.retrieval_loss(out["logits"], target["doc_idx"], target["scores"], target["mask"],
+                                     self.cfg.retrieval_temperature, self.cfg.retrieval_ce_weight)
+
+    def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Top-k documents (k as the teacher's) and the student's probability for each."""
+        probs = out["logits"][i].float().softmax(-1)  # (D,)
+        k = min(int(self.node.get("top_k", 3)), probs.numel())
+        scores, idx = probs.topk(k)
+        doc_ids = self.node["doc_ids"]
+        return {"ids": [doc_ids[j] for j in idx.tolist()], "scores": scores.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# llm -> answer text (distilling step by step)
+# ---------------------------------------------------------------------------------------------
+
+@register_head("llm")
+class AnswerHead(Head):
+    """Two tasks on the shared decoder, each behind a learned task token (Hsieh et al. 2023,
+    distilling step by step): [answer] -> the teacher's answer, [rationale] -> the teacher's whole
+    generated text (reasoning trace + answer). Both are trained; inference runs [answer] only."""
+
+    generative = True
+
+    def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
+        super().__init__(name, node, cfg)
+        self.task = nn.Parameter(torch.randn(2, cfg.d_model) * 0.02)  # [answer], [rationale]
+
+    def task_token(self, which: int, B: int) -> Tensor:
+        return self.task[which].expand(B, 1, -1)  # (B, 1, d)
+
+    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+        B, device = batch["images"].shape[0], batch["images"].device
+        target = batch.get("targets", {}).get(self.name)
+        if target is None:  # inference: the [answer] task token; the model decodes from it
+            ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+            return [Segment(f"{self.name}/answer", self.task_token(0, B), ones)]
+        segs = []
+        for which, key in ((0, "answer"), (1, "rationale")):
+            ids, valid = target[f"{key}_ids"], target[f"{key}_mask"]  # (B, L)
+            emb = torch.cat([self.task_token(which, B), embed(ids[:, :-1])], 1)  # (B, L, d): teacher forcing
+            ok = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), valid[:, :-1]], 1)
+            segs.append(Segment(f"{self.name}/{key}", emb, ok))
+        return segs
+
+    def forward(self, feats: Features) -> dict[str, Tensor]:
+        return {f"{key}_logits": feats.lm_head(feats.text[f"{self.name}/{key}"])  # (B, L, V)
+                for key in ("answer", "rationale") if f"{self.name}/{key}" in feats.text}
+
+    def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        cfg = self.cfg
+        kd = dict(temperature=cfg.kd_temperature, alpha=cfg.kd_alpha, kind=cfg.kd_kind, beta=cfg.kd_beta)
+        total = 0.0
+        for key, weight in (("answer", 1.0), ("rationale", cfg.rationale_weight)):
+            label_mask = target[f"{key}_mask"] & target["mask"][:, None]  # (B, L)
+            loss = losses.distill_loss(out[f"{key}_logits"], target[f"{key}_ids"], label_mask,
+                                       target[f"{key}_topk_ids"], target[f"{key}_topk_logprobs"],
+                                       target[f"{key}_kd_mask"], **kd)
+            total = total + weight * loss
+        return total
+
+    def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
+        return {"answer": out["answer"][i]}

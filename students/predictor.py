@@ -1,0 +1,125 @@
+"""Run a saved student: image + question in, every teacher node's output (teacher-shaped) out.
+
+    predictor = StudentPredictor.load("out/student")
+    predictor.predict([{"image": "scene.png", "question": "How many hazards are there?"}])
+    -> [{"detector": {"boxes": [[x1, y1, x2, y2], ...], "classes": [...], "scores": [...],
+                      "labels": [...], "masks": [COCO RLE, ...], ...},
+         "retriever": {"ids": [...], "scores": [...]},
+         "reasoner": {"answer": "2"},
+         "answer": "2"}]
+
+Images may be a path, bytes, or a base64 string (a ``data:`` URL too). One forward pass per batch
+gives every head's output; the answer is decoded greedily from the [answer] task (no reasoning
+trace), stopped at eos, a stop string or the length limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from students.data import batch_to, encode_question, image_tensor, load_tokenizer, open_image
+from students.model import MultimodalStudent
+from teachers.llm import parse_output
+
+
+def read_image(image: Any, where: str) -> Image.Image:
+    """A path, bytes, base64 text or a PIL image -> RGB PIL image (EXIF orientation applied)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return open_image(bytes(image), where)
+    if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and not image.startswith("data:")
+                                   and Path(image).is_file()):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read {image}: {e}") from None
+        return open_image(data, where)
+    if isinstance(image, str) and image:
+        text = image.split(",", 1)[1] if image.startswith("data:") else image
+        try:
+            return open_image(base64.b64decode(text, validate=True), where)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{where}: 'image' is neither an existing file nor base64 image data") from None
+    raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
+
+
+class StudentPredictor:
+    def __init__(self, model: MultimodalStudent, tokenizer, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "StudentPredictor":
+        """A saved student, its BatchNorms folded into the convs (inference only)."""
+        model = MultimodalStudent.from_pretrained(model_dir, map_location=device).fuse_for_inference()
+        return cls(model, model.tokenizer, device)
+
+    @classmethod
+    def from_model(cls, model: MultimodalStudent) -> "StudentPredictor":
+        """Wrap a model in memory (e.g. during training); it stays on its device."""
+        tok = model.tokenizer or load_tokenizer(model.schema)
+        device = next(model.parameters()).device
+        return cls(model, tok, device)
+
+    def prepare(self, requests: list[dict]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """Requests -> a model batch (no targets) and each image's original (height, width)."""
+        cfg, schema = self.model.cfg, self.model.schema
+        images, questions, sizes = [], [], []
+        for i, req in enumerate(requests):
+            where = f"request {i}"
+            if not isinstance(req, dict) or "image" not in req:
+                raise ValueError(f"{where}: expected {{'image': ..., 'question': ...}}, got {type(req).__name__}")
+            question = req.get("question") or schema.default_question
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{where}: 'question' must be a non-empty string "
+                                 "(and the spec has no default_question)")
+            img = read_image(req["image"], where)
+            sizes.append((img.height, img.width))
+            images.append(image_tensor(img, cfg.image_size))
+            questions.append(encode_question(self.tokenizer, question, cfg.max_question_tokens))
+        L = max([len(q) for q in questions] + [1])
+        q_ids = torch.zeros(len(questions), L, dtype=torch.long)
+        for j, q in enumerate(questions):
+            q_ids[j, : len(q)] = torch.tensor(q, dtype=torch.long)
+        q_mask = torch.arange(L)[None] < torch.tensor([len(q) for q in questions])[:, None]
+        batch = {"images": torch.stack(images).to(self.device), "question_ids": q_ids.to(self.device),
+                 "question_mask": q_mask.to(self.device)}
+        return batch, sizes
+
+    @torch.inference_mode()
+    def predict(self, requests: list[dict]) -> list[dict[str, Any]]:
+        """One JSON-serializable dict per request: {node: teacher-shaped output, "answer": str}."""
+        if not requests:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch, sizes = self.prepare(requests)
+            raw = batch_to(self.model.predict_raw(batch), "cpu")
+        finally:
+            self.model.train(was_training)
+        for name, head in self.model.heads.items():
+            if head.generative:
+                raw[name]["answer"] = [self.decode_answer(ids, head.node) for ids in raw[name]["answer_ids"]]
+        results = []
+        for i, size in enumerate(sizes):
+            res = {name: head.postprocess(raw[name], i, size) for name, head in self.model.heads.items()}
+            answers = [res[name]["answer"] for name, h in self.model.heads.items() if h.generative]
+            if answers:
+                res["answer"] = answers[-1]  # the last llm node in the graph: the final answer
+            results.append(res)
+        return results
+
+    def decode_answer(self, ids: list[int], node: dict) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return parse_output(text, node.get("think_start", "<think>"), node.get("think_end", "</think>"),
+                            node.get("stop", []))[1]

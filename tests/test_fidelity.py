@@ -1,0 +1,94 @@
+"""Fidelity reports on the tiny demo world: ground truth matched to records, the teacher's own
+outputs as the "student" retain exactly 1.0, answers grouped by question type, a real student's
+report end to end (``run_eval`` on a student folder), and the MLflow log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from students.fidelity import by_question_type, demo_ground_truth, evaluate_predictions, publish_table, run_eval
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_demo):
+    from distillery.spec import load_spec
+    from students.fidelity import record_split
+
+    world, spec = tiny_demo["world"], load_spec(tiny_demo["spec_path"])
+    records = record_split(spec, world, "test", tiny_demo["workdir"] / "traces-test.lance")
+    truth, types = demo_ground_truth(spec, world, "test", records)
+    return {"world": world, "spec": spec, "records": records, "truth": truth, "types": types,
+            "workdir": tiny_demo["workdir"]}
+
+
+def test_every_record_gets_its_ground_truth(demo):
+    ann = demo["world"].annotations("test")
+    assert len(demo["records"]) == len(ann["requests"]) and all(t is not None for t in demo["truth"])
+    by_q = {(r["image"], r["question"]): r for r in ann["requests"]}
+    objects = {im["file"]: im["objects"] for im in ann["images"]}
+    for rec, truth, qtype in zip(demo["records"], demo["truth"], demo["types"]):
+        key = "/".join(rec.image_path.split("/")[-2:])
+        req = by_q[(key, rec.question)]
+        assert truth["reasoner"]["answer"] == req["answer"] and qtype == req["type"]
+        assert truth["retriever"]["ids"] == req["needed_docs"]
+        assert truth["detector"]["boxes"] == [o["box_norm"] for o in objects[key]]
+
+
+def test_teacher_outputs_as_student_retain_everything(demo):
+    recs = demo["records"]
+    report = evaluate_predictions(demo["spec"], recs, [r.outputs for r in recs], demo["truth"], types=demo["types"])
+    for node, metrics in report["student_vs_teacher"].items():
+        assert metrics["n"] == len(recs)
+        for name, v in metrics.items():
+            if name != "n":
+                assert v == pytest.approx(1.0), (node, name)
+    assert report["student_vs_truth"] == report["teacher_vs_truth"]
+    for node, metrics in report["retained"].items():
+        assert all(v == pytest.approx(1.0) for v in metrics.values()), node
+    assert sum(row["n"] for row in report["by_type"].values()) == len(recs)
+
+
+def test_answers_by_question_type():
+    out = by_question_type(["count", "count", "sum", None], ["1", "2", "3", "9"], ["1", "3", "3", "9"],
+                           ["1", "2", "4", "0"])
+    assert out == {"count": {"student_vs_teacher": 0.5, "student_vs_truth": 1.0, "teacher_vs_truth": 0.5, "n": 2},
+                   "sum": {"student_vs_teacher": 1.0, "student_vs_truth": 0.0, "teacher_vs_truth": 0.0, "n": 1}}
+
+
+def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
+    import mlflow
+
+    from student_support import tiny_config
+    from students.data import build_schema, load_tokenizer
+    from students.model import MultimodalStudent
+
+    schema = build_schema(demo["spec"], demo["records"])
+    torch.manual_seed(0)
+    model = MultimodalStudent(tiny_config(), schema)
+    model.tokenizer = load_tokenizer(schema)
+    folder = model.save_pretrained(tmp_path / "student")
+    report = run_eval(str(folder), "test", workdir=demo["workdir"], preset="tiny", log=True)
+    n = len(demo["records"])
+    assert report["n_records"] == n and report["split"] == "test"
+    assert set(report["student_vs_teacher"]) == {"detector", "retriever", "reasoner"}
+    assert report["student_vs_teacher"]["reasoner"]["n"] == n
+    for node, metrics in report["retained"].items():  # retained = student vs truth / teacher vs truth
+        for name, v in metrics.items():
+            assert v == pytest.approx(report["student_vs_truth"][node][name] / report["teacher_vs_truth"][node][name])
+    run = mlflow.get_run(report["mlflow_run_id"])
+    assert run.data.metrics["eval.student_vs_teacher.reasoner.answer_em"] == pytest.approx(
+        report["student_vs_teacher"]["reasoner"]["answer_em"])
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/fidelity_per_node.png", "eval/evaluation.json"} <= files
+    assert json.loads(json.dumps(report)) is not None  # the report is JSON as is
+    assert publish_table(report) is None  # outside a flow run: no artifact
+    assert "eval.student_vs_teacher.retriever.recall_at_4" in run.data.metrics
+
+
+def test_bad_alignment_is_named(demo):
+    recs = demo["records"]
+    with pytest.raises(ValueError, match="1 predictions for"):
+        evaluate_predictions(demo["spec"], recs, [{}])
