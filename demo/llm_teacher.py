@@ -31,7 +31,7 @@ class LLMTrainConfig(BaseModel):
     num_layers: int = Field(3, ge=1)
     num_heads: int = Field(4, ge=1)
     max_positions: int = Field(384, ge=64, description="Longest prompt + trace, in tokens.")
-    steps: int = Field(2500, ge=1, description="Optimizer steps.")
+    steps: int = Field(3000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup: int = Field(100, ge=0)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -90,7 +91,7 @@ class SceneObject:
     def label(self) -> str:
         return kb.CLASSES[self.class_id]
 
-    @property
+    @cached_property
     def box(self) -> list[int]:
         """Tight xyxy box of the visible mask, in pixels (x2, y2 exclusive)."""
         ys, xs = np.nonzero(self.mask)

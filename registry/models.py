@@ -206,7 +206,9 @@ def _source_run_id(model_uri: str) -> str | None:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
+    from students.report import metric_key
+
+    return {metric_key(k): float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 

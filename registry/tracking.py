@@ -197,7 +197,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _metric_key(key: str) -> str:
     """MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/'; replace anything else."""
-    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in str(key))
+    from students.report import metric_key
+
+    return metric_key(key)
 
 
 def _str_values(tags: Mapping[str, Any]) -> dict[str, str]:

@@ -45,6 +45,11 @@ class StudentConfig(BaseModel):
     # -- heads ---------------------------------------------------------------------------------------
     det_width: int = Field(64, ge=8, description="Channels of the detection head's conv tower.")
     num_prototypes: int = Field(16, ge=1, description="Prototype masks (segmentation nodes).")
+    detection_summary: bool = Field(True, description="Put each detection head's summary (\"blue "
+                                    "square x1, red circle x2\", rendered as the teacher graph renders "
+                                    "it: the teacher's detections in training, the head's own at "
+                                    "inference) in the text decoder's prefix, as the teacher LLM reads it.")
+    max_summary_tokens: int = Field(48, ge=1, description="Detection summaries are cut to this many tokens.")
     det_center_radius: float = Field(1.5, gt=0, description="Box regression positives (FCOS center "
                                      "sampling): locations inside a box within this many strides of "
                                      "its center.")

@@ -250,7 +250,7 @@ def log_evaluation(report: dict[str, Any], run_id: str | None = None, prefix: st
             metrics |= flat_metrics(report.get(comp, {}), prefix=f"{prefix}.{comp}")
         metrics |= flat_metrics({t: {k: v for k, v in row.items() if k != "n"}
                                  for t, row in report.get("by_type", {}).items()}, prefix=f"{prefix}.by_type")
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})  # recall@k -> recall_at_k
+        mlflow.log_metrics(metrics)  # names already valid (recall@k -> recall_at_k)
         fig = bar_chart(report)
         mlflow.log_figure(fig, f"{prefix}/fidelity_per_node.png")
         import matplotlib.pyplot as plt

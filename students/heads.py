@@ -63,6 +63,7 @@ class Head(nn.Module):
     """Base: ``name`` is the teacher node's name, ``node`` its schema entry."""
 
     generative = False  # True: the model decodes text for this head at inference
+    reads_text = True  # False: runs on the conv features alone, before the text decoder
 
     def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
         super().__init__()
@@ -70,6 +71,10 @@ class Head(nn.Module):
 
     def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
         return []
+
+    def prefix_text(self, out: dict[str, Tensor], target: dict | None, tokenizer) -> tuple[Tensor, Tensor] | None:
+        """Token ids (B, L) and validity (B, L) this head puts before the question, or None."""
+        return None
 
     def forward(self, feats: Features) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -94,6 +99,8 @@ class DetectionHead(Head):
     """Anchor-free head on the stride-8 features: per location class scores (CenterNet heatmaps
     peaking at the teacher's per-class scores) and box distances l, t, r, b (trained at FCOS
     positives); with task segment, YOLACT prototypes (stride 4) and per-location coefficients."""
+
+    reads_text = False
 
     def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
         super().__init__(name, node, cfg)
@@ -123,6 +130,58 @@ class DetectionHead(Head):
             out["protos"] = self.proto(feats.maps["p4"])  # (B, M, S/4, S/4)
         return out
 
+    # -- what the text decoder reads: detections per class ------------------------------------
+    def thresholds(self) -> tuple[float, float, int]:
+        node, cfg = self.node, self.cfg
+        conf = cfg.det_conf if cfg.det_conf is not None else node.get("conf", 0.25)
+        iou = cfg.det_iou if cfg.det_iou is not None else node.get("iou", 0.7)
+        return conf, iou, cfg.max_det or node.get("max_det", 100)
+
+    def peak_scores(self, cls_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Heatmap peaks (3 x 3 local maxima, CenterNet): per location the best peak class and
+        its score, and every class score. cls_logits (B, P, C) -> (B, P), (B, P), (B, P, C)."""
+        probs = cls_logits.float().sigmoid()  # (B, P, C)
+        B, P, C = probs.shape
+        n = round(P ** 0.5)
+        grid = probs.transpose(1, 2).reshape(B, C, n, n)
+        peaks = (grid == F.max_pool2d(grid, 3, 1, 1)).reshape(B, C, P).transpose(1, 2)  # (B, P, C)
+        scores, classes = (probs * peaks).max(-1)
+        return scores, classes, probs
+
+    def counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+        """Detections per class (B, C): the teacher's where the batch has them (training), else
+        the head's own (peaks above the confidence threshold)."""
+        with torch.no_grad():
+            scores, classes, _ = self.peak_scores(out["cls"])
+            kept = (scores > self.thresholds()[0]).float()  # (B, P)
+            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept)  # (B, C)
+            if target is None:
+                return own
+            valid = (target["valid"] & target["mask"][:, None]).float()  # (B, N)
+            labels = target["probs"].argmax(-1)  # (B, N): a teacher box's class is its best score's
+            teacher = torch.zeros_like(own).scatter_add_(1, labels, valid)  # (B, C)
+            return torch.where(target["mask"][:, None], teacher, own)
+
+    def prefix_text(self, out: dict[str, Tensor], target: dict | None, tokenizer) -> tuple[Tensor, Tensor] | None:
+        """The detection summary ("blue square x1, red circle x2", ``describe_detections``) as
+        token ids (B, L): what the teacher LLM read in its prompt, in the words of its rationale."""
+        from teachers.yolo import describe_detections
+
+        if not self.cfg.detection_summary:
+            return None
+        names = self.node.get("class_names", [])
+        rows = []
+        for counts in self.counts(out, target).round().long().tolist():  # (C,) per input
+            labels = [names[c] if c < len(names) else str(c) for c, n in enumerate(counts) for _ in range(n)]
+            text = describe_detections(labels)
+            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"][: self.cfg.max_summary_tokens])
+        L = max(len(r) for r in rows + [[0]])
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        valid = torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]
+        return ids.to(out["cls"].device), valid.to(out["cls"].device)
+
     def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         mask, valid = target["mask"], target["valid"] & target["mask"][:, None]  # (B,), (B, N)
         boxes, cfg = target["boxes"], self.cfg
@@ -141,20 +200,13 @@ class DetectionHead(Head):
         NMS as a safety net, masks at the original image size as COCO RLE."""
         from teachers.yolo import describe_detections, mask_to_rle
 
-        node, cfg = self.node, self.cfg
-        conf = cfg.det_conf if cfg.det_conf is not None else node.get("conf", 0.25)
-        iou = cfg.det_iou if cfg.det_iou is not None else node.get("iou", 0.7)
-        max_det = cfg.max_det or node.get("max_det", 100)
-        probs = out["cls"][i].float().sigmoid()  # (P, C)
-        n = round(1 / self.stride)
-        grid = probs.T.reshape(1, -1, n, n)  # (1, C, n, n)
-        peaks = (grid == F.max_pool2d(grid, 3, 1, 1)).reshape(-1, n * n).T  # (P, C)
-        scores, classes = (probs * peaks).max(-1)  # (P,): the best peak class per location
+        conf, iou, max_det = self.thresholds()
+        scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
         keep = (scores > conf).nonzero().view(-1)
         keep = keep[scores[keep].argsort(descending=True)[: max(4 * max_det, 100)]]
         boxes = out["boxes"][i].float().clamp(0, 1)
         keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], iou)][:max_det]
-        names = node.get("class_names", [])
+        names = self.node.get("class_names", [])
         labels = [names[c] if c < len(names) else str(c) for c in classes[keep].tolist()]
         h, w = image_size
         res = {"boxes": boxes[keep].tolist(), "classes": classes[keep].tolist(), "scores": scores[keep].tolist(),

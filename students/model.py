@@ -1,15 +1,17 @@
 """The student: one small multimodal model with a head per teacher node.
 
     image (B, 3, S, S) -> VisionEncoder -> p4, p8, p16 (strides 4, 8, 16)
-                                             |        '-> pooled to g x g image tokens
-    question ids (B, Lq) ------------------> TextDecoder over [image tokens | question | segments]
-                                             '-> each head's segment: a retrieval query token,
-                                                 [answer] + answer, [rationale] + rationale
-    heads: yolo -> DetectionHead(p8, p4)   rag -> RetrievalHead(query token)   llm -> AnswerHead
+                            p8, p4 -> DetectionHead -> boxes, classes, masks
+                                        '-> its summary "blue square x1, red circle x2" (text)
+                            p16 pooled to g x g image tokens
+    TextDecoder over [image tokens | summary | question | segments]
+        segments: a retrieval query token (RetrievalHead), [answer] + answer and [rationale] +
+        rationale (AnswerHead: distilling step by step)
 
-The prefix (image tokens + question) attends to itself both ways; every segment attends to the
-prefix and causally to itself, never to another segment, so one pass trains every task and at
-inference [answer] sees exactly what it saw in training. Saved as ``model.safetensors`` +
+The prefix (image tokens, summary, question) attends to itself both ways; every segment attends to
+the prefix and causally to itself, never to another segment, so one pass trains every task and
+at inference [answer] sees what it saw in training. The summary is the one the teacher LLM read:
+rendered from the teacher's detections in training, from the head's own at inference. Saved as ``model.safetensors`` +
 ``config.json`` (config + schema) + the tokenizer files; loading never unpickles.
 """
 
@@ -107,32 +109,48 @@ def segment_mask(seg: Tensor, valid: Tensor) -> Tensor:
     return (allowed & valid[:, None, :])[:, None]
 
 
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2 / nanoGPT init: every embedding and linear weight N(0, 0.02), biases 0, so a token's
+    own embedding is not drowned by position embeddings or by the first layers' updates."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class TextDecoder(nn.Module):
-    def __init__(self, cfg: StudentConfig, vocab_size: int, image_channels: int):
+    def __init__(self, cfg: StudentConfig, vocab_size: int, image_channels: int, summaries: int = 0):
         super().__init__()
         d, g = cfg.d_model, cfg.image_grid
         self.grid = g
         self.tok_embed = nn.Embedding(vocab_size, d)
-        longest = cfg.max_question_tokens + max(cfg.max_answer_tokens, cfg.max_rationale_tokens) + 2
-        self.text_pos = nn.Embedding(longest, d)  # question, then any segment (task token + target)
+        longest = (summaries * cfg.max_summary_tokens + cfg.max_question_tokens
+                   + max(cfg.max_answer_tokens, cfg.max_rationale_tokens) + 2)
+        self.text_pos = nn.Embedding(longest, d)  # summaries, question, then a segment (task token + target)
         self.img_proj = nn.Linear(image_channels, d)
         self.img_pos = nn.Parameter(torch.randn(g * g, d) * 0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        self.apply(_init_weights)
+        for block in self.blocks:  # residual projections scaled by depth (GPT-2)
+            for proj in (block.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.n_layers) ** 0.5)
 
     def lm_head(self, h: Tensor) -> Tensor:
         return F.linear(h, self.tok_embed.weight)  # tied embeddings: (..., d) -> (..., V)
 
-    def prefix(self, p16: Tensor, q_ids: Tensor, q_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[image tokens | question] embeddings (B, Li + Lq, d), validity (B, Li + Lq), and the
-        number of question tokens (B,), where every segment's positions start."""
+    def prefix(self, p16: Tensor, texts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """[image tokens | text] embeddings (B, Li + Lt, d) and validity, where the text is the
+        concatenation of ``texts`` (token ids (B, L), validity (B, L)): detection summaries, then
+        the question. Also returns the number of text tokens (B,), where every segment's
+        positions start."""
         img = F.adaptive_avg_pool2d(p16, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C16)
         img = self.img_proj(img) + self.img_pos  # (B, g*g, d)
-        pos = (q_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lq): padding does not shift positions
-        q = self.tok_embed(q_ids) + self.text_pos(pos)
-        valid = torch.cat([torch.ones(img.shape[:2], dtype=torch.bool, device=img.device), q_mask], 1)
-        return torch.cat([img, q], 1), valid, q_mask.sum(1)
+        ids, mask = torch.cat([t[0] for t in texts], 1), torch.cat([t[1] for t in texts], 1)  # (B, Lt)
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lt): padding does not shift positions
+        text = self.tok_embed(ids) + self.text_pos(pos)  # (B, Lt, d)
+        ones = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
+        return torch.cat([img, text], 1), torch.cat([ones, mask], 1), mask.sum(1)
 
     def run(self, x: Tensor, seg: Tensor, valid: Tensor, past: dict | None = None) -> tuple[Tensor, dict]:
         """Blocks over x (B, L, d) with segment ids seg (B, L) and validity (B, L). With ``past``
@@ -165,7 +183,8 @@ class MultimodalStudent(nn.Module):
         self.cfg, self.schema, self.tokenizer, self.fused = cfg, schema, None, False
         need_p4 = any(n["type"] == "yolo" and n.get("task") == "segment" for n in schema.nodes.values())
         self.vision = VisionEncoder(cfg.vision_widths, need_p4)
-        self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3])
+        summaries = sum(n["type"] == "yolo" for n in schema.nodes.values()) if cfg.detection_summary else 0
+        self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summaries)
         self.heads = nn.ModuleDict({name: head_class(node["type"])(name, node, cfg)
                                     for name, node in schema.nodes.items()})
         self.balancer = LossBalancer(list(schema.nodes), cfg.balance_momentum)
@@ -173,16 +192,31 @@ class MultimodalStudent(nn.Module):
             self.vision.to(memory_format=torch.channels_last)
             self.heads.to(memory_format=torch.channels_last)
 
+    def text_tokenizer(self):
+        """The tokenizer of the text side (loaded from the schema once)."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.schema)
+        return self.tokenizer
+
     # -- forward ----------------------------------------------------------------------------------
-    def encode(self, batch: dict) -> tuple[Features, dict]:
-        """Vision + one decoder pass over [prefix | every head's segments]. Returns the features
-        and the decoding state (cache, where each segment starts, question lengths)."""
+    def encode(self, batch: dict) -> tuple[dict, Features, dict]:
+        """Vision, the heads that read only the conv features (detection), then one decoder pass
+        over [image tokens | their summaries | question | every text head's segments].
+        Returns those heads' outputs, the features and the decoding state."""
         images = batch["images"]
         x = images.float() / 255 if images.dtype == torch.uint8 else images
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        maps = self.vision(x)
-        prefix, valid, n_q = self.decoder.prefix(maps["p16"], batch["question_ids"], batch["question_mask"])
+        feats = Features(self.vision(x), lm_head=self.decoder.lm_head)
+        outputs, texts = {}, []
+        targets = batch.get("targets", {})
+        for name, head in self.heads.items():
+            if not head.reads_text:
+                outputs[name] = head(feats)
+                text = head.prefix_text(outputs[name], targets.get(name), self.text_tokenizer())
+                texts += [text] if text is not None else []
+        texts.append((batch["question_ids"], batch["question_mask"]))
+        prefix, valid, n_q = self.decoder.prefix(feats.maps["p16"], texts)
         segs = [s for head in self.heads.values() for s in head.segments(batch, self.decoder.tok_embed)]
         parts, seg_ids, valids, starts = [prefix], [torch.zeros_like(valid, dtype=torch.long)], [valid], []
         start = prefix.shape[1]
@@ -195,14 +229,14 @@ class MultimodalStudent(nn.Module):
             starts.append(start)
             start += L
         hidden, cache = self.decoder.run(torch.cat(parts, 1), torch.cat(seg_ids, 1), torch.cat(valids, 1))
-        text = {s.name: hidden[:, a:a + s.embeds.shape[1]] for s, a in zip(segs, starts)}
+        feats.text = {s.name: hidden[:, a:a + s.embeds.shape[1]] for s, a in zip(segs, starts)}
         state = {"cache": cache, "n_q": n_q, "segments": segs, "starts": starts, "hidden": hidden}
-        return Features(maps, text, self.decoder.lm_head), state
+        return outputs, feats, state
 
     def forward(self, batch: dict) -> dict[str, dict[str, Tensor]]:
         """Every head's raw outputs from one pass: {node: {output: tensor}}."""
-        feats, _ = self.encode(batch)
-        return {name: head(feats) for name, head in self.heads.items()}
+        outputs, feats, _ = self.encode(batch)
+        return outputs | {name: head(feats) for name, head in self.heads.items() if head.reads_text}
 
     def loss(self, batch: dict, outputs: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Total = sum over nodes of weight * (balanced) node loss; per-node losses detached."""
@@ -217,8 +251,8 @@ class MultimodalStudent(nn.Module):
     def predict_raw(self, batch: dict, max_new_tokens: int | None = None) -> dict[str, dict]:
         """Every head's outputs for a batch without targets; generative heads also get
         ``answer_ids`` (one token-id list per input, eos cut) by greedy decoding of [answer]."""
-        feats, state = self.encode(batch)
-        outputs = {name: head(feats) for name, head in self.heads.items()}
+        outputs, feats, state = self.encode(batch)
+        outputs |= {name: head(feats) for name, head in self.heads.items() if head.reads_text}
         for index, seg in enumerate(state["segments"], start=1):
             name = seg.name.split("/")[0]
             if self.heads[name].generative:
@@ -283,7 +317,7 @@ class MultimodalStudent(nn.Module):
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             config = {"student": self.cfg.model_dump(mode="json"), "schema": self.schema.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            (self.tokenizer or load_tokenizer(self.schema)).save_pretrained(str(tmp))
+            self.text_tokenizer().save_pretrained(str(tmp))
             _move_into(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

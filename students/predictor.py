@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from students.data import batch_to, encode_question, image_tensor, load_tokenizer, open_image
+from students.data import batch_to, encode_question, image_tensor, open_image
 from students.model import MultimodalStudent
 from teachers.llm import parse_output
 
@@ -66,9 +66,7 @@ class StudentPredictor:
     @classmethod
     def from_model(cls, model: MultimodalStudent) -> "StudentPredictor":
         """Wrap a model in memory (e.g. during training); it stays on its device."""
-        tok = model.tokenizer or load_tokenizer(model.schema)
-        device = next(model.parameters()).device
-        return cls(model, tok, device)
+        return cls(model, model.text_tokenizer(), next(model.parameters()).device)
 
     def prepare(self, requests: list[dict]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
         """Requests -> a model batch (no targets) and each image's original (height, width)."""

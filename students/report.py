@@ -26,9 +26,17 @@ def headline_metrics(report: Mapping[str, Mapping[str, float]]) -> dict[str, flo
     return {name: sum(v) / len(v) for name, v in sums.items()}
 
 
+def metric_key(key: str) -> str:
+    """A name MLflow accepts (letters, digits, ``_ - . / `` and space): ``recall@4`` ->
+    ``recall_at_4``, anything else outside that set -> ``_``."""
+    key = str(key).replace("@", "_at_")
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
+
+
 def flat_metrics(report: Mapping[str, Mapping[str, float]], prefix: str = "fidelity") -> dict[str, float]:
-    """``{"fidelity.reasoner.answer_em": ..}`` for MLflow (finite numbers only)."""
-    return {f"{prefix}.{node}.{k}": float(v) for node, m in report.items() for k, v in m.items()
+    """``{"fidelity.reasoner.answer_em": .., "fidelity.retriever.recall_at_4": ..}`` for MLflow
+    (finite numbers only, names made valid by ``metric_key``)."""
+    return {metric_key(f"{prefix}.{node}.{k}"): float(v) for node, m in report.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 

@@ -127,9 +127,12 @@ def make_loaders(train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, ct
     Each yields ``(n, batch)``: the records in the batch, and the collated batch."""
     def loader(ds: Dataset, shuffle: bool) -> DataLoader:
         sampler = ResumableSampler(ds, ctx, cfg.seed, cfg.batch_size, shuffle)
+        # Workers are spawned, not forked: Lance (the trace store) and Prefect's threads are not
+        # fork-safe, and a forked worker dies at shutdown in a process that has used them.
         return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=Counted(collate_fn),
                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
-                          pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+                          pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+                          multiprocessing_context="spawn" if cfg.num_workers > 0 else None)
 
     return loader(train_ds, True), (loader(val_ds, False) if val_ds is not None and len(val_ds) else None)
 

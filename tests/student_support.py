@@ -23,7 +23,7 @@ from teachers.yolo import describe_detections, mask_to_rle
 CLASSES = ["red box", "blue box"]
 COLOURS = {"red box": (220, 30, 30), "blue box": (30, 60, 220)}
 WORDS = ("<pad> <unk> <eos> <think> </think> how many red blue boxes are there ? is any box "
-         "zero one two three yes no + = count").split()
+         "zero one two three yes no + = count x1 x2 x1, x2,").split()  # + the detector summaries' words
 DOCS = [{"id": "doc-red", "text": "Red boxes are hot."}, {"id": "doc-blue", "text": "Blue boxes are cold."},
         {"id": "doc-x", "text": "Nothing here."}]
 NUMBERS = ["zero", "one", "two", "three"]

@@ -41,7 +41,8 @@ def test_tiny_teachers_load_with_the_real_libraries(tiny):
     trace = kb.render_trace(["red triangle", "green circle"], "Is the area safe?")
     ids = tok(trace, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and tok.decode(ids) == trace  # one token per word or number
-    assert tok.convert_ids_to_tokens(tok("yellow square x12")["input_ids"]) == ["yellow", "square", "x", "12"]
+    tokens = tok.convert_ids_to_tokens(tok("Yellow square x12, red triangles")["input_ids"])
+    assert tokens == ["yellow square", "x", "12", ",", "red", "triangles"]  # a class name is one token
     model = AutoModelForCausalLM.from_pretrained(art.llm_dir, local_files_only=True)
     assert model.config.vocab_size == len(tok)
     result = YOLO(str(art.yolo_weights)).predict(str(world.split_dir("test") / "images" / "00000.png"),

@@ -162,3 +162,15 @@ def test_compare_outputs_reads_each_nodes_kind_and_retained_is_a_ratio():
     s, t = evaluate_against_truth(student, truth), evaluate_against_truth(teacher, truth)
     assert s["llm"]["answer_em"] == 0.5 and t["llm"]["answer_em"] == 0.5
     assert retained(s, t) == {"llm": {"answer_em": 1.0}}
+
+
+def test_flat_metrics_are_names_mlflow_accepts():
+    """``recall@4`` is not a valid MLflow metric name: logging it failed a whole distill run."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from students.report import flat_metrics
+
+    flat = flat_metrics({"retriever": {"top1": 1.0, "recall@4": 0.5, "n": 3, "bad": float("nan")}})
+    assert flat == {"fidelity.retriever.top1": 1.0, "fidelity.retriever.recall_at_4": 0.5, "fidelity.retriever.n": 3.0}
+    for name in flat:
+        _validate_metric_name(name)

@@ -80,11 +80,11 @@ def test_one_forward_pass_gives_every_head_its_outputs(setup):
 def test_answer_task_sees_at_inference_exactly_what_it_saw_in_training(setup):
     """Segments never see each other: with the rationale and retrieval segments in the sequence
     (training) or not (inference), and through the key/value cache, [answer] gets the same logits."""
-    model = new_model(setup).eval()
+    model = new_model(setup, detection_summary=False).eval()  # (summary: the teacher's vs its own)
     batch = setup["batch"]
     train_logits = model(batch)["reasoner"]["answer_logits"]  # (B, La, V), teacher forcing
     infer = {k: batch[k] for k in ("images", "question_ids", "question_mask")}
-    feats, state = model.encode(infer)
+    _, feats, state = model.encode(infer)
     torch.testing.assert_close(model.decoder.lm_head(feats.text["reasoner/answer"][:, 0]), train_logits[:, 0])
     first = batch["targets"]["reasoner"]["answer_ids"][:, 0]  # (B,)
     index = [s.name for s in state["segments"]].index("reasoner/answer") + 1
@@ -126,6 +126,21 @@ def test_overfits_four_examples(setup, trained):
             assert det["masks"][j]["size"] == [h, w]  # masks at the original image size
             m_iou = mask_utils.iou([_coco(det["masks"][j])], [_coco(rle)], [0])[0, 0]
             assert m_iou > 0.5
+
+
+def test_detection_summary_is_the_teachers_in_training_and_the_heads_own_at_inference(setup, trained):
+    model, _ = trained
+    head, batch, tok = model.heads["detector"], setup["batch"], setup["tok"]
+    out = model(batch)["detector"]
+    teacher = [[sum(c == k for c in r.outputs["detector"]["classes"].tolist()) for k in range(2)]
+               for r in setup["records"]]
+    assert head.counts(out, batch["targets"]["detector"]).tolist() == teacher
+    assert head.counts(out, None).tolist() == teacher  # after overfitting, its own detections agree
+    assert head.counts(out | {"cls": torch.full_like(out["cls"], -9.0)}, None).sum() == 0
+    ids, valid = head.prefix_text(out, batch["targets"]["detector"], tok)  # (B, L)
+    summaries = [tok.decode(i[v]) for i, v in zip(ids, valid)]
+    assert summaries == [r.outputs["detector"]["summary"] for r in setup["records"]]  # the teacher's words
+    assert summaries[2] == "red box x2"
 
 
 def _coco(rle: dict) -> dict:

@@ -1,0 +1,93 @@
+"""Student vs the full teacher graph on the same demo test inputs: parameters, peak memory,
+latency per image at batch 1 and 16, as ratios (graph / student), measured in one process.
+
+    python -m benchmarks.student [--preset tiny|full] [--student DIR] [--workdir DIR]
+
+The student: ``--student DIR``; else the one ``distillery demo`` pulled into ``--workdir``
+(its ``report.json``); else one trained now on the demo world's train traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+GOAL_SPEEDUP_B1 = 20.0
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["tiny", "full"], default="full")
+    ap.add_argument("--workdir", type=Path, default=None, help="demo workdir (default: the demo's own)")
+    ap.add_argument("--student", type=Path, default=None, help="a student folder (trained or pulled)")
+    return ap
+
+
+def workdir_of(args) -> Path:
+    from demo.pipeline import default_workdir
+
+    wd = Path(args.workdir or default_workdir()).resolve()
+    if args.preset == "tiny" and args.workdir is None:
+        wd = wd.with_name(wd.name + "-tiny")  # never touch a full demo with a tiny benchmark
+    wd.mkdir(parents=True, exist_ok=True)
+    return wd
+
+
+def get_student(args, workdir: Path) -> Path:
+    """--student, else the demo's pulled student, else train one on the demo's train traces."""
+    from students.fidelity import demo_setup, record_split
+    from students.train import train
+
+    if args.student is not None:
+        return args.student
+    report = workdir / "report.json"
+    if report.exists():
+        rep = json.loads(report.read_text())
+        pulled = rep.get("paths", {}).get("pulled_student")
+        if rep.get("preset") == args.preset and pulled and Path(pulled).exists():
+            return Path(pulled)
+    out = workdir / "bench-student"
+    if (out / "model.safetensors").exists():
+        return out
+    world, spec = demo_setup(workdir, args.preset)
+    traces = workdir / "traces-train.lance"
+    record_split(spec, world, "train", traces)
+    print(f"training a student on {traces} -> {out}", flush=True)
+    return train(spec, str(traces), out_dir=out, progress=False).out_dir
+
+
+def test_inputs(world, n: int) -> tuple[list[Path], list[str]]:
+    reqs = world.annotations("test")["requests"][:n]
+    return [world.split_dir("test") / r["image"] for r in reqs], [r["question"] for r in reqs]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__)
+    ap.add_argument("--inputs", type=int, default=16, help="distinct test requests to time on")
+    args = ap.parse_args(argv)
+    from distillery import runtime
+
+    runtime.configure()
+    from students.efficiency import measure
+    from students.fidelity import demo_setup
+
+    workdir = workdir_of(args)
+    student = get_student(args, workdir)
+    world, spec = demo_setup(workdir, args.preset)
+    images, questions = test_inputs(world, args.inputs)
+    res = measure(student, spec, images, questions, batch_sizes=(1, 16))
+    out = {**res["ratios"], "student": res["student"], "graph": res["graph"], "student_dir": str(student),
+           "preset": args.preset}
+    for side in ("student", "graph"):
+        s = res[side]
+        print(f"{side:>8}: {s['parameters']:>12,d} params  peak {s['peak_memory_bytes'] / 2**20:8.1f} MiB  "
+              f"b1 {s['latency_b1_s'] * 1e3:8.2f} ms/img  b16 {s['latency_b16_s'] * 1e3:8.2f} ms/img")
+    r = res["ratios"]
+    print(f"speedup b1 {r['speedup_batch1']:.1f}x (goal >= {GOAL_SPEEDUP_B1:.0f}x), b16 {r['speedup_batch16']:.1f}x, "
+          f"params {r['param_ratio']:.1f}x, memory {r['memory_ratio']:.1f}x")
+    return out
+
+
+if __name__ == "__main__":
+    main()
