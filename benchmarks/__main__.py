@@ -25,13 +25,19 @@ GOALS = [
     ("record", "flow_over_direct", "<= 1.10", lambda v: v <= 1.10),
     ("record", "rerun_fraction", "<= 0.05", lambda v: v <= 0.05),
     ("record", "soft_label_bytes_per_token", "<= 128 B", lambda v: v <= 128),
+    ("record", "prefect_server_startup_s", "(s, not counted above)", None),
     ("student", "speedup_batch1", ">= 20x", lambda v: v >= 20),
+    ("student", "speedup_batch16", "(graph / student)", None),
     ("student", "param_ratio", "(graph / student)", None),
+    ("student", "memory_ratio", "(graph / student)", None),
     ("fidelity", "answer_retained", ">= 0.97", lambda v: v >= 0.97),
     ("fidelity", "detection_map50_vs_teacher", ">= 0.85", lambda v: v >= 0.85),
     ("demo", "cold_s", "<= 900 s", lambda v: v <= 900),
     ("demo", "warm_s", "<= 180 s", lambda v: v <= 180),
 ]
+# Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
+# (student vs truth / teacher vs truth), on the test split and on a fresh world seed.
+PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 MODULES = ["record", "student", "fidelity", "demo"]
 HERE = Path(__file__).parent
 
@@ -76,6 +82,13 @@ def render(results: dict[str, dict], quick: bool) -> str:
         met = "" if value is None or check is None else ("yes" if check(value) else "NO")
         shown = results.get(mod, {}).get("error", "n/a") if value is None else value
         lines.append(f"| {mod} | {key} | {shown} | {goal} | {met} |")
+    fid = results.get("fidelity", {})
+    for label, figures in (("test split", fid), (f"fresh world seed {fid.get('fresh_seed', {}).get('seed')}",
+                                                 fid.get("fresh_seed", {}))):
+        rows = [(k, v) for k, v in figures.items() if k.startswith(PER_NODE) and isinstance(v, (int, float))]
+        if rows:
+            lines += ["", f"## Fidelity per node, {label}", "", "| figure | value |", "|---|---|"]
+            lines += [f"| {k} | {round(v, 4)} |" for k, v in rows]
     lines += ["", "## All figures", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -83,8 +96,10 @@ def render(results: dict[str, dict], quick: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny preset: a plumbing check, not the figures")
-    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: benchmarks/RESULTS.md (with --quick: benchmarks/RESULTS-quick.md)")
     args = ap.parse_args()
+    args.out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     results = run_all(args.quick)
     text = render(results, args.quick)
     args.out.write_text(text)

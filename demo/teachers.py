@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -213,7 +214,12 @@ def ensure_teachers(world: World, preset: Literal["tiny", "full"], out_dir: str 
     _preset(preset)
     if preset == "full" and not retrain:
         verify_assets(ASSETS)
-        return load_artifacts(ASSETS)
+        shipped = json.loads((ASSETS / "metrics.json").read_text()).get("fingerprint")
+        if shipped != fingerprint(world.config, preset):
+            raise AssetError(f"the shipped demo teachers ({ASSETS}) were trained for another world or training "
+                             f"config (fingerprint {shipped}, this one {fingerprint(world.config, preset)}): "
+                             "rebuild them with `distillery demo --train-teachers`")
+        return check_floor(load_artifacts(ASSETS))
     root = Path(out_dir) / f"{preset}-{fingerprint(world.config, preset)}"
     if (root / "metrics.json").exists() and not retrain:
         verify_assets(root)
@@ -223,7 +229,16 @@ def ensure_teachers(world: World, preset: Literal["tiny", "full"], out_dir: str 
     shutil.rmtree(tmp, ignore_errors=True)
     train_teachers(world, preset, tmp)
     tmp.rename(root)
-    return load_artifacts(root)
+    art = load_artifacts(root)
+    return check_floor(art) if preset == "full" else art  # tiny: a plumbing check, no floor
+
+
+def check_floor(art: TeacherArtifacts) -> TeacherArtifacts:
+    """Warn loudly when a teacher is below the quality floor (distilling it would mean little)."""
+    low = {k: art.metrics.get(k) for k, floor in FLOOR.items() if (art.metrics.get(k) or 0.0) < floor}
+    if low:
+        warnings.warn(f"demo teachers below the quality floor {FLOOR}: {low}", stacklevel=2)
+    return art
 
 
 def _cli() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -37,6 +38,9 @@ def configure(offline: bool | None = None) -> None:
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("YOLO_AUTOINSTALL", "false")  # Ultralytics must never pip-install at run time
+    # Importing Ultralytics before torch would set OMP_NUM_THREADS=1 for the whole process.
+    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count() or 1))
     if offline:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,6 +49,20 @@ def configure(offline: bool | None = None) -> None:
     if not _DONE:
         _prepare_ultralytics(yolo_dir)
     _DONE = True
+
+
+@contextmanager
+def keep_torch_threads():
+    """Restore torch's intra-op thread count afterwards: Ultralytics' ``select_device`` (called by
+    every YOLO predict/train) sets it to ``cpu_count - 1`` (1 on a 2-core machine), which would
+    halve the speed of everything that runs later in the process (the student's training)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _prepare_ultralytics(yolo_dir: Path) -> None:

@@ -37,9 +37,11 @@ def commit_task(traces: str, shard: int, records: list[TeacherRecord]) -> int | 
 _listeners: list = []
 
 
-def add_progress_listener(fn) -> None:
-    """Call ``fn(done, total)`` after every committed shard (the CLI draws its progress bar)."""
+def add_progress_listener(fn):
+    """Call ``fn(done, total)`` after every committed shard (the CLI draws its progress bar).
+    Returns a function that removes the listener again (call it when the run is over)."""
     _listeners.append(fn)
+    return lambda: _listeners.remove(fn) if fn in _listeners else None
 
 
 def _notify(done: int, total: int) -> None:

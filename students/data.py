@@ -238,14 +238,26 @@ def _collate_rag(ts: list[dict | None]) -> dict[str, torch.Tensor]:
             "scores": _pad([t["scores"] for t in ts_], 0.0)}
 
 
+def _fit_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, k') -> (T, k): the first k columns, zero-padded on the right (padding = no soft label)."""
+    return F.pad(x[:, :k], (0, max(0, k - x.shape[1])))
+
+
+def _batch_k(ts: list[dict | None]) -> int:
+    """The batch's top-k: the smallest k among the sequences that carry soft labels (kd_mask.any()).
+    Sequences without any (no stored log-probs: k = 1) are padded to it, never cut it."""
+    ks = [t[f"{key}_topk_ids"].shape[-1] for t in ts if t is not None for key in ("answer", "rationale")
+          if t[f"{key}_kd_mask"].any()]
+    return min(ks or [1])
+
+
 def _collate_llm(ts: list[dict | None]) -> dict[str, torch.Tensor]:
-    present = [t for t in ts if t is not None]
-    k = min([t[f"{key}_topk_ids"].shape[-1] for t in present for key in ("answer", "rationale")] or [1])
+    k = _batch_k(ts)
     out = {"mask": torch.tensor([t is not None for t in ts])}
     for key in ("answer", "rationale"):
         ids = [t[f"{key}_ids"] if t is not None else torch.zeros(0, dtype=torch.long) for t in ts]
-        tk = [t[f"{key}_topk_ids"][:, :k] if t is not None else torch.zeros(0, k, dtype=torch.long) for t in ts]
-        lp = [t[f"{key}_topk_logprobs"][:, :k] if t is not None else torch.zeros(0, k, dtype=torch.float16)
+        tk = [_fit_k(t[f"{key}_topk_ids"], k) if t is not None else torch.zeros(0, k, dtype=torch.long) for t in ts]
+        lp = [_fit_k(t[f"{key}_topk_logprobs"], k) if t is not None else torch.zeros(0, k, dtype=torch.float16)
               for t in ts]
         kd = [t[f"{key}_kd_mask"] if t is not None else torch.zeros(0, dtype=torch.bool) for t in ts]
         out[f"{key}_ids"] = _pad(ids, 0, torch.long)

@@ -18,6 +18,9 @@ compare like with like on this machine:
   ``repeats`` after one warm-up), from encoded image bytes to outputs (decode included on both
   sides). The graph runs exactly as the recorder does (``teachers.record.run_shard``: every node
   in topological order over the batch, each in its own ``batch_size``).
+* ``device``: where both sides ran. ``device=`` puts the student and every teacher node there
+  (each node's ``device`` setting is overridden), so a CPU figure is a CPU figure even on a
+  machine with a GPU; without it each side picks CUDA when present.
 """
 
 from __future__ import annotations
@@ -158,6 +161,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device; None: CUDA when present, else the CPU."""
+    return torch.device(device) if device is not None else default_device()
+
+
+def spec_on_device(spec, device: str | torch.device):
+    """A copy of ``spec`` whose every teacher node runs on ``device`` (YOLO, embedder, LLM)."""
+    teachers = {name: cfg.model_copy(update={"device": str(device)}) for name, cfg in spec.teachers.items()}
+    return spec.model_copy(update={"teachers": teachers})
+
+
 def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes], questions: Sequence[str],
                     batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5,
                     device: str | torch.device | None = None) -> dict[str, Any]:
@@ -166,7 +180,7 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
     from students.predictor import StudentPredictor
 
     pairs = read_inputs(images, questions)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         predictor = StudentPredictor.load(student_dir(model_dir), device=device)
@@ -197,13 +211,17 @@ def requests_of(pairs: list[tuple[bytes, str]]) -> list[Request]:
 
 
 def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequence[str],
-                  batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 3) -> dict[str, Any]:
-    """The same figures for the spec's whole teacher graph, run as the recorder runs it."""
+                  batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 3,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
+    """The same figures for the spec's whole teacher graph, run as the recorder runs it; with
+    ``device``, every node is forced onto it (see ``spec_on_device``)."""
     from teachers.graph import TeacherGraph
     from teachers.record import run_shard
 
     pairs = read_inputs(images, questions)
-    device = default_device()
+    if device is not None:
+        spec = spec_on_device(spec, device)
+    device = resolve_device(device)
 
     def run(batch: list) -> None:
         recs = run_shard(graph, requests_of(batch))
@@ -244,8 +262,10 @@ def compare(student: dict[str, Any], graph: dict[str, Any]) -> dict[str, float]:
 
 
 def measure(model_dir: str | Path, spec, images: Sequence, questions: Sequence[str],
-            batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5, graph_repeats: int = 3) -> dict[str, Any]:
-    """Student and graph in one process run: ``{"student", "graph", "ratios"}``."""
-    student = measure_student(model_dir, images, questions, batch_sizes, repeats)
-    graph = measure_graph(spec, images, questions, batch_sizes, graph_repeats)
-    return {"student": student, "graph": graph, "ratios": compare(student, graph)}
+            batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5, graph_repeats: int = 3,
+            device: str | torch.device | None = None) -> dict[str, Any]:
+    """Student and graph in one process run, both on ``device``: ``{"student", "graph", "ratios",
+    "device"}``."""
+    student = measure_student(model_dir, images, questions, batch_sizes, repeats, device)
+    graph = measure_graph(spec, images, questions, batch_sizes, graph_repeats, device)
+    return {"student": student, "graph": graph, "ratios": compare(student, graph), "device": student["device"]}

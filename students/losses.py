@@ -5,7 +5,7 @@ image (padded), C classes, M prototypes, H x W prototype resolution, D documents
 
 Token-level KD works on what the trace store keeps: the teacher's top-k log-probabilities per
 generated token. Both distributions are first coarse-grained to k + 1 buckets (the k stored ids,
-and the tail: every other token), then tempered. With k = V this is exactly the full KL at
+and the tail: every other token; no tail when k >= V), then tempered. With k = V this is exactly the full KL at
 temperature T; at T = 1 the bucketed divergence is <= the full one (data-processing inequality);
 KL(p, p) = 0 always.
 """
@@ -45,24 +45,27 @@ def _log1mexp(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def student_buckets(student_logits: Tensor, topk_ids: Tensor) -> Tensor:
-    """Student log-probs of the teacher's top-k ids plus the tail bucket: (B, T, k + 1)."""
+    """Student log-probs of the teacher's top-k ids plus the tail bucket: (B, T, k + 1).
+
+    With k >= V there is no tail: (B, T, k). An empty bucket would be -inf on both sides, and
+    -inf - -inf (the JSD mixture's logaddexp) back-propagates NaN; same rule as teacher_buckets."""
     logp = _f32(student_logits).log_softmax(-1)  # (B, T, V)
     top = logp.gather(-1, topk_ids)  # (B, T, k)
     if topk_ids.shape[-1] >= logp.shape[-1]:
-        tail = torch.full_like(top[..., :1], -math.inf)  # the tail bucket is empty
-    else:
-        tail = logp.scatter(-1, topk_ids, -math.inf).logsumexp(-1, keepdim=True)  # (B, T, 1)
+        return top  # no tail mass: the k buckets are the whole distribution
+    tail = logp.scatter(-1, topk_ids, -math.inf).logsumexp(-1, keepdim=True)  # (B, T, 1)
     return torch.cat([top, tail], -1)
 
 
 def teacher_buckets(topk_logprobs: Tensor, vocab_size: int) -> Tensor:
-    """Teacher log-probs of its top-k plus the tail mass 1 - sum(top-k): (B, T, k + 1)."""
+    """Teacher log-probs of its top-k plus the tail mass 1 - sum(top-k): (B, T, k + 1);
+    (B, T, k) when k >= vocab_size (no tail, as in student_buckets)."""
     top = _f32(topk_logprobs).clamp(min=MIN_TEACHER_LOGPROB)  # (B, T, k)
     if top.shape[-1] >= vocab_size:
-        tail = torch.full_like(top[..., :1], -math.inf)
-    else:  # 1 - sum(top-k) in float64: the tail can be far smaller than float32's resolution of 1
-        mass = top.double().logsumexp(-1, keepdim=True)
-        tail = _log1mexp(mass).clamp(min=math.log(MIN_TEACHER_TAIL)).to(top.dtype)
+        return top
+    # 1 - sum(top-k) in float64: the tail can be far smaller than float32's resolution of 1
+    mass = top.double().logsumexp(-1, keepdim=True)
+    tail = _log1mexp(mass).clamp(min=math.log(MIN_TEACHER_TAIL)).to(top.dtype)
     return torch.cat([top, tail], -1)
 
 
@@ -107,7 +110,7 @@ def topk_kd_per_token(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: T
     if mask is not None:
         topk_ids = torch.where(mask[..., None], topk_ids, torch.zeros_like(topk_ids))
         topk_logprobs = torch.where(mask[..., None], topk_logprobs, torch.zeros_like(topk_logprobs))
-    log_q = temper(student_buckets(student_logits, topk_ids.long()), temperature)  # (B, T, k+1)
+    log_q = temper(student_buckets(student_logits, topk_ids.long()), temperature)  # (B, T, k+1) or (B, T, k)
     log_p = temper(teacher_buckets(topk_logprobs, student_logits.shape[-1]), temperature).to(log_q.dtype)
     return divergence(log_p, log_q, kind, beta) * temperature ** 2
 

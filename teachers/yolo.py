@@ -123,7 +123,8 @@ class YoloNode(TeacherNode):
         runtime.quiet_ultralytics()
         cfg = self.config
         _check_local_path(self.name, cfg.weights)
-        model = YOLO(cfg.weights, task=cfg.task)
+        with runtime.keep_torch_threads():
+            model = YOLO(cfg.weights, task=cfg.task)
         found = guess_model_task(model.model)
         if found != cfg.task:
             raise ValueError(f"yolo node {self.name!r}: weights {cfg.weights!r} are a {found!r} model, "
@@ -153,7 +154,10 @@ class YoloNode(TeacherNode):
         if not todo:
             return outs
         images = [_rgb(batch[i].image) for i in todo]
-        results = self.model.predict(images, **self.predict_args())
+        from distillery import runtime
+
+        with runtime.keep_torch_threads():  # its select_device would leave torch on cpu_count - 1 threads
+            results = self.model.predict(images, **self.predict_args())
         for i, result in zip(todo, results, strict=True):
             outs[i] = self.to_output(result)
         return outs

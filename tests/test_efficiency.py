@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from students.efficiency import PeakMemory, compare, measure, read_inputs, take
+from students.efficiency import PeakMemory, compare, measure, read_inputs, spec_on_device, take
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,13 @@ def measured(tiny_demo, tmp_path_factory):
     folder = model.save_pretrained(tmp_path_factory.mktemp("student") / "student")
     reqs = world.annotations("test")["requests"][:3]
     images = [world.split_dir("test") / r["image"] for r in reqs]
-    res = measure(folder, spec, images, [r["question"] for r in reqs], batch_sizes=(1, 4), repeats=2, graph_repeats=1)
-    return res, MultimodalStudent.from_pretrained(folder)
+    res = measure(folder, spec, images, [r["question"] for r in reqs], batch_sizes=(1, 4), repeats=2, graph_repeats=1,
+                  device="cpu")
+    return res, MultimodalStudent.from_pretrained(folder), spec
 
 
 def test_figures_are_positive_and_count_every_model(measured):
-    res, model = measured
+    res, model, _ = measured
     student, graph = res["student"], res["graph"]
     assert student["parameters"] == pytest.approx(sum(p.numel() for p in model.parameters()), rel=0.01)
     assert set(graph["parameters_by_node"]) == {"detector", "retriever", "reasoner"}
@@ -47,13 +48,22 @@ def test_figures_are_positive_and_count_every_model(measured):
 
 
 def test_ratios_are_graph_over_student(measured):
-    res, _ = measured
+    res, _, _ = measured
     s, g, r = res["student"], res["graph"], res["ratios"]
     assert r["speedup_batch1"] == pytest.approx(g["latency_b1_s"] / s["latency_b1_s"])
     assert r["speedup_batch4"] == pytest.approx(g["latency_b4_s"] / s["latency_b4_s"])
     assert r["param_ratio"] == pytest.approx(g["parameters"] / s["parameters"])
     assert r["memory_ratio"] == pytest.approx(g["peak_memory_bytes"] / s["peak_memory_bytes"])
     assert r["param_ratio"] > 1  # the graph (MiniLM alone: 22M) dwarfs the tiny student
+
+
+def test_both_sides_run_and_report_the_requested_device(measured):
+    res, _, spec = measured
+    assert res["device"] == res["student"]["device"] == res["graph"]["device"] == "cpu"
+    assert res["student"]["memory_kind"] == res["graph"]["memory_kind"] == "rss_peak_delta"
+    forced = spec_on_device(spec, "cpu")  # what measure_graph loads: every node on the CPU, even with a GPU
+    assert {name: cfg.device for name, cfg in forced.teachers.items()} == {n: "cpu" for n in spec.teachers}
+    assert all(cfg.device is None for cfg in spec.teachers.values())  # the caller's spec is left as it was
 
 
 def test_compare_on_known_figures():

@@ -227,3 +227,17 @@ def test_graph_runs_a_single_yolo_node(weights, nodes, images, tmp_path):
     for res, want in zip(results, direct):
         assert res.output["summary"] == want["summary"]
         np.testing.assert_allclose(res.output["boxes"], want["boxes"], atol=1e-4)
+
+
+def test_predicting_leaves_torch_thread_count_alone(nodes, images):
+    """Ultralytics' select_device sets torch to cpu_count - 1 threads; the node undoes it, so the
+    student trained later in the same process keeps every core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        nodes["detect"].run(_inputs(images))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -123,6 +123,26 @@ def test_collate_pads_every_node_and_batch_to_moves_tensors(graph):
     assert moved["input_ids"] == batch["input_ids"]
 
 
+def test_a_record_without_soft_labels_does_not_cut_the_batch_top_k(graph):
+    _, records, schema, tok = graph
+    hard = copy.deepcopy(records[0])
+    for key in ("topk_ids", "topk_logprobs"):  # e.g. a trace from a backend that stores no log-probs
+        del hard.outputs["reasoner"][key]
+    ds = TraceDataset([hard, records[2]], schema, tiny_config(), tok)
+    soft = ds[1]["targets"]["reasoner"]["target"]
+    llm = collate([ds[0], ds[1]])["targets"]["reasoner"]
+    for key in ("answer", "rationale"):
+        assert llm[f"{key}_topk_ids"].shape[-1] == K and llm[f"{key}_topk_logprobs"].shape[-1] == K
+        assert not llm[f"{key}_kd_mask"][0].any()  # the hard-label record: padded, masked out
+        assert (llm[f"{key}_topk_ids"][0] == 0).all() and (llm[f"{key}_topk_logprobs"][0] == 0).all()
+        n = len(soft[f"{key}_ids"])  # the soft-label record keeps all its K columns
+        assert torch.equal(llm[f"{key}_topk_ids"][1, :n], soft[f"{key}_topk_ids"])
+        assert torch.equal(llm[f"{key}_topk_logprobs"][1, :n], soft[f"{key}_topk_logprobs"])
+        assert torch.equal(llm[f"{key}_kd_mask"][1, :n], soft[f"{key}_kd_mask"])
+    alone = collate([ds[0]])["targets"]["reasoner"]  # no soft labels anywhere: k = 1
+    assert alone["answer_topk_ids"].shape[-1] == 1
+
+
 def test_flips_are_deterministic_per_epoch_and_flip_the_targets(graph):
     _, records, schema, tok = graph
     ds = TraceDataset(records * 4, schema, tiny_config(hflip=0.5), tok)

@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 
 from distillery.spec import load_spec
 from student_support import make_records, tiny_config, write_graph
-from students.data import TraceDataset, build_schema, collate, load_tokenizer
+from students.data import TraceDataset, build_schema, byte_tokenizer, collate, load_tokenizer
 from students.heads import head_class
 from students.model import MultimodalStudent
 from students.predictor import StudentPredictor
@@ -231,6 +231,31 @@ def test_predictor_accepts_path_bytes_and_base64_and_returns_json(setup, trained
         predictor.predict([requests[0], {"image": "no-such-file.png", "question": "q"}])
     with pytest.raises(ValueError, match="request 0: cannot decode the image"):
         predictor.predict([{"image": b"GIF89a-not-really", "question": "q"}])
+
+
+def test_greedy_answers_never_exceed_max_answer_tokens(setup, monkeypatch):
+    model = new_model(setup, max_answer_tokens=3).eval()  # untrained: no reason to emit eos early
+    batch = {k: setup["batch"][k] for k in ("images", "question_ids", "question_mask")}
+    assert all(len(ids) <= 3 for ids in model.predict_raw(batch)["reasoner"]["answer_ids"])
+    eos = torch.tensor(setup["schema"].text["eos_ids"])
+    lm_head = model.decoder.lm_head  # never eos: only the length limit can stop a row
+    monkeypatch.setattr(model.decoder, "lm_head", lambda h: lm_head(h).index_fill(-1, eos, -torch.inf))
+    for asked in (None, 50):  # a larger max_new_tokens does not lift the config's limit
+        rows = model.predict_raw(batch, max_new_tokens=asked)["reasoner"]["answer_ids"]
+        assert len(rows) == 4 and all(len(ids) == 3 for ids in rows)
+
+
+def test_predictor_cuts_the_answer_at_the_llm_nodes_stop_string(setup):
+    spec = setup["spec"]
+    reasoner = spec.teachers["reasoner"].model_copy(update={"stop": ["."]})
+    spec = spec.model_copy(update={"teachers": spec.teachers | {"reasoner": reasoner}})
+    node = build_schema(spec, setup["records"]).nodes["reasoner"]
+    assert node["stop"] == ["."]
+    tok = byte_tokenizer()  # spells "." (the tests' word-level vocabulary has no such word)
+    predictor = StudentPredictor(new_model(setup), tok)
+    ids = tok("two. more", add_special_tokens=False)["input_ids"]
+    assert predictor.decode_answer(ids, node) == "two"
+    assert predictor.decode_answer(ids, setup["schema"].nodes["reasoner"]) == "two. more"  # no stop: kept
 
 
 def test_unknown_node_type_has_no_head():
