@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +19,12 @@ from distillery import runtime
 app = typer.Typer(help="Distill a whole AI pipeline into one small multimodal student.",
                   no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Bad input: one plain line on stderr (no traceback, no wrapping) and exit ``code``."""
+    typer.echo(f"Error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
 
 
 def _load_spec(path: Path):
@@ -58,8 +67,11 @@ def run_record_flow(spec, inputs: Path, traces: str, show_progress: bool = True)
     with Progress(TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as bar:
         task_id = bar.add_task("record", total=None)
-        add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
-        return record_flow(spec=spec, inputs=str(inputs), traces=traces)
+        remove = add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
+        try:
+            return record_flow(spec=spec, inputs=str(inputs), traces=traces)
+        finally:
+            remove()  # a later run in this process draws its own bar
 
 
 def print_record_summary(summary: dict) -> None:
@@ -113,13 +125,152 @@ def train(
     s = _load_spec(spec)
     from students.train import train as run_train
 
+    from teachers.store import TraceStore, parse_traces_ref
+
     uri = traces or str(spec.resolve().parent / "traces.lance")
+    try:
+        store_uri, version = parse_traces_ref(uri)
+        if TraceStore(store_uri).version is None:
+            raise ValueError(f"trace store {store_uri} holds no commit yet (missing or empty): record traces "
+                             f"first (distillery record {spec} --inputs PATH --traces {store_uri})")
+    except ValueError as e:
+        _fail(f"--traces {uri}: {e}")
     out_dir = out or spec.resolve().parent / "student"
-    result = run_train(s, uri, None, out_dir, resume=resume, init_from=init_from, progress=True)
+    try:
+        result = run_train(s, uri, None, out_dir, resume=resume, init_from=init_from, progress=True)
+    except ValueError as e:  # a version the store lacks, no usable record for this graph, ...
+        _fail(f"distillery train --traces {uri}: {e}")
     console.print(f"student written to {result.out_dir} from {result.traces_uri}@{result.traces_version} "
-                  f"({result.num_train} train / {result.num_val} val records, {result.seconds:.0f} s)")
+                  f"({result.num_train} train / {result.num_val} val records, {result.seconds:.0f} s)",
+                  soft_wrap=True)
     print(json.dumps({"out_dir": str(result.out_dir), "traces_version": result.traces_version,
                       "metrics": result.metrics}, default=str))
+
+
+# NAME, NAME@ALIAS or NAME/VERSION: a registry reference (as `distillery pull` takes them).
+_REGISTRY_REF = re.compile(r"^[A-Za-z0-9][\w.-]*(@[\w.-]+|/\d+)?$")
+# A logged model's own id (MLflow 3), not a registered name: downloaded, not pulled.
+_LOGGED_MODEL = re.compile(r"^models:/m-[0-9a-f]{32}(/.*)?$")
+EVAL_SPLITS = ("train", "val", "test")
+
+
+def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
+                    workdir: Path | None = None) -> tuple[Path, dict | None]:
+    """The student folder ``model_uri`` names, and the registry info of a pulled one (else None).
+
+    A folder (trained or pulled) is used as is; ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
+    (or NAME, NAME@ALIAS, NAME/VERSION) are pulled with ``registry.models.pull`` into ``tmp``;
+    ``runs:/RUN_ID/student`` and ``models:/m-...`` (a logged model) are downloaded into ``tmp``.
+    The MLflow store: ``tracking_uri``, else the demo's (``$MLFLOW_TRACKING_URI``, else
+    ``workdir/runs/mlflow.db``). Raises FileNotFoundError / LookupError / ValueError (or MLflow's
+    error) for bad input."""
+    from registry.config import RegistryConfig
+    from registry.models import pull, student_dir, use_store
+
+    path = Path(model_uri).expanduser()
+    if path.is_dir():
+        return student_dir(path), None
+    if path.exists():
+        raise FileNotFoundError(f"{model_uri}: a file, not a student folder")
+    is_uri = model_uri.startswith(("models:/", "runs:/"))
+    if not is_uri and not _REGISTRY_REF.match(model_uri):
+        raise FileNotFoundError(f"{model_uri}: no such student folder, and not a model URI (models:/NAME@ALIAS, "
+                                "models:/NAME/VERSION, runs:/RUN_ID/student)")
+    store = tracking_uri or RegistryConfig().resolve_tracking_uri((workdir or Path.cwd()) / "runs")
+    if model_uri.startswith("runs:/") or _LOGGED_MODEL.match(model_uri):
+        import mlflow
+
+        use_store(store)
+        dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp / "download")))
+        # A logged pyfunc student keeps the folder in artifacts/student (runs:/RUN_ID/student).
+        inner = next((d for d in (dl / "artifacts" / "student", dl / "student" / "artifacts" / "student")
+                      if d.is_dir()), dl)
+        return student_dir(inner), None
+    try:
+        folder = pull(model_uri, tmp / "pulled", tracking_uri=store)
+    except LookupError as e:
+        raise LookupError(f"{e}{'' if is_uri else ' (and no student folder of that name)'}") from None
+    return student_dir(folder), json.loads((folder / "registry.json").read_text())
+
+
+@app.command("eval")
+def evaluate(
+    model_uri: str = typer.Argument(..., help="A student folder, or an MLflow model URI: models:/NAME@ALIAS, "
+                                    "models:/NAME/VERSION, runs:/RUN_ID/student."),
+    split: str = typer.Option("test", "--split", help="Demo world split to evaluate on: train, val or test."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Demo workdir with (or to receive) the world, "
+                                           "teachers and traces (default: the demo's)."),
+    preset: str = typer.Option("full", "--preset", help="Demo world: full or tiny."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="A fresh world drawn with this seed (held out)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store a models:/ or runs:/ "
+                                               "URI is read from (default: the demo's: $MLFLOW_TRACKING_URI, "
+                                               "else WORKDIR/runs/mlflow.db)."),
+    log: bool = typer.Option(False, "--log", help="Also log the report to MLflow (metrics, bar chart, JSON)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object instead of a table."),
+) -> None:
+    """Evaluate a student on the demo world: student vs teacher, vs truth, teacher vs truth, retained."""
+    if split not in EVAL_SPLITS:
+        _fail(f"--split {split!r}: choose one of {', '.join(EVAL_SPLITS)}")
+    if preset not in ("full", "tiny"):
+        _fail(f"--preset {preset!r}: choose full or tiny")
+    runtime.configure()
+    from mlflow.exceptions import MlflowException
+
+    from demo.pipeline import default_workdir
+    from demo.teachers import AssetError
+    from students.fidelity import run_eval
+
+    wd = (workdir or default_workdir()).expanduser().resolve()
+    with tempfile.TemporaryDirectory(prefix="distillery-eval-") as tmp:
+        try:
+            folder, pulled = resolve_student(model_uri, Path(tmp), tracking_uri, wd)
+        except (FileNotFoundError, FileExistsError, LookupError, ValueError, MlflowException) as e:
+            msg = str(getattr(e, "message", None) or e)
+            _fail(f"distillery eval: {msg}" if model_uri in msg else f"distillery eval {model_uri}: {msg}")
+        if pulled is not None:
+            typer.echo(f"{model_uri}: {pulled['name']} version {pulled['version']} "
+                       f"(pulled from {pulled['tracking_uri']})", err=True)
+        # With --json, stdout carries the JSON object only: the table and logs go to stderr.
+        quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+        try:
+            with quiet:
+                report = run_eval(str(folder), split, workdir=wd, preset=preset, seed=seed, log=log)
+        except (ValueError, FileNotFoundError, LookupError, AssetError) as e:
+            _fail(f"distillery eval {model_uri}: {e}")
+    report["model"] = model_uri
+    report["student_dir"] = None if pulled is not None else str(folder)
+    if pulled is not None:
+        report["registry"] = {k: pulled.get(k) for k in ("name", "version", "aliases", "model_uri", "tracking_uri")}
+    if as_json:
+        print(json.dumps(report, default=str))
+
+
+@app.command()
+def example(
+    directory: Path = typer.Argument(..., help="Folder to build the example in (reused if already there)."),
+    as_json: bool = typer.Option(False, "--json", help="Print paths and commands as one JSON object."),
+) -> None:
+    """Build a small offline example and print the `distillery record` command that runs on it.
+
+    DIR gets a tiny world (images, requests, documents), tiny teachers trained here, a spec; reruns reuse them."""
+    runtime.configure()
+    from demo.example import build_example
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the command (or the JSON) only
+            ex = build_example(directory)
+    except FileExistsError as e:  # a folder in the way (e.g. DIR/world holding something else)
+        _fail(f"distillery example {directory}: {e}")
+    if as_json:
+        print(json.dumps(ex))
+        return
+    reused = [k for k, v in ex["reused"].items() if v]
+    typer.echo(f"example in {ex['dir']}: {ex['images']} images, {ex['requests']} requests "
+               f"({'reused ' + ' and '.join(reused) if reused else 'built'} in {ex['seconds']:.0f} s). "
+               "Record the teacher graph's traces with (add --json for a JSON summary):", err=True)
+    print(ex["commands"]["record"])
+    typer.echo(f"then train and evaluate the student:\n  {ex['commands']['train']}\n  {ex['commands']['eval']}",
+               err=True)
 
 
 @app.command()

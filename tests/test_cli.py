@@ -1,0 +1,193 @@
+"""The `distillery` command on the tiny demo, in process (typer's CliRunner): `example` builds a
+folder and prints a record command that runs; `train` on `URI@1` prints per-epoch tables and the
+version it read; `eval` prints the table or one JSON report for a folder or a registry URI; bad
+input exits 2 with one line naming it, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from distillery.cli import app
+
+RUNNER = CliRunner(env={"COLUMNS": "200"})  # wide enough that rich tables keep their headers
+REPORT_KEYS = {"n_records", "student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "retained",
+               "split", "preset", "model"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny student gains nothing from a second thread on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    result = RUNNER.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.strip()][-1])
+
+
+def assert_clean_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("Error:") and "\n" not in err and "Traceback" not in result.output, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.fixture(scope="module")
+def example(tiny_demo, tmp_path_factory):
+    """`distillery example DIR --json`, with the session's tiny teachers already in DIR/teachers
+    (ensure_teachers caches by a fingerprint of world + configs, so they are reused, not retrained)."""
+    root = tmp_path_factory.mktemp("cli-example")
+    teachers = Path(tiny_demo["teachers"].yolo_weights).parent
+    shutil.copytree(teachers, root / "teachers" / teachers.name)
+    result = invoke("example", root, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # stdout is the JSON object alone
+
+
+@pytest.fixture(scope="module")
+def recorded(example, prefect_harness):
+    """The example's printed `--json` record command, run as printed."""
+    args = shlex.split(example["commands"]["record_json"])
+    assert args[0] == "distillery"
+    result = invoke(*args[1:])
+    assert result.exit_code == 0, result.output
+    return last_json(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def small_spec(example):
+    """The example's spec with a tiny student and its own registered-model name."""
+    from student_support import tiny_config
+
+    spec = yaml.safe_load(Path(example["spec"]).read_text())
+    spec["student"] = tiny_config().model_dump(mode="json")
+    spec["registry"] = {**spec.get("registry", {}), "model_name": f"cli-test-{uuid.uuid4().hex[:8]}"}
+    path = Path(example["dir"]) / "spec-small.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(example, recorded, small_spec):
+    out = Path(example["dir"]) / "student"
+    result = invoke("train", small_spec, "--traces", f"{example['traces']}@1", "--out", out)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "result": result}
+
+
+# ---------------------------------------------------------------------------------------------
+# example + record
+# ---------------------------------------------------------------------------------------------
+
+def test_example_builds_a_spec_inputs_and_teachers_and_a_second_call_reuses_them(example):
+    root = Path(example["dir"])
+    assert example["reused"]["teachers"] is True  # the cached teachers, found by fingerprint
+    assert Path(example["spec"]) == root / "spec.yaml" and Path(example["yolo_weights"]).is_file()
+    assert (Path(example["inputs"]) / "requests.jsonl").is_file() and Path(example["documents"]).is_file()
+    assert example["images"] > 0 and example["requests"] >= example["images"]
+    again = invoke("example", root)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == example["commands"]["record"]  # stdout: exactly the command
+    assert "reused world and teachers" in again.stderr
+
+
+def test_the_printed_record_command_records_every_input(example, recorded):
+    assert recorded["written"] == example["requests"] and recorded["quarantined"] == 0
+    assert recorded["traces"] == example["traces"] and recorded["version"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+def test_train_on_a_pinned_version_prints_epochs_agreement_and_the_version_read(trained):
+    result, out = trained["result"], trained["out"]
+    assert "epoch 1/" in result.output and "agreement with the teacher" in result.output
+    assert "answer_em" in result.output and "map50" in result.output
+    report = last_json(result.stdout)
+    assert report["traces_version"] == 1 and Path(report["out_dir"]) == out
+    assert set(report["metrics"]["agreement"]) == {"detector", "retriever", "reasoner"}
+    assert json.loads((out / "lineage.json").read_text())["traces_version"] == 1
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("suffix", ["@x", "@0", "@99", "-missing.lance"])
+def test_bad_traces_exit_2_naming_them(example, recorded, suffix):
+    traces = example["traces"].removesuffix(".lance") + suffix if suffix.endswith(".lance") else \
+        example["traces"] + suffix
+    result = invoke("train", example["spec"], "--traces", traces, "--out", Path(example["dir"]) / "never")
+    assert_clean_error(result, "--traces", traces)
+    assert not (Path(example["dir"]) / "never" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder_report(example, trained):
+    args = ("eval", trained["out"], "--workdir", example["dir"], "--preset", "tiny")
+    table = invoke(*args)
+    assert table.exit_code == 0, table.output
+    as_json = invoke(*args, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    return {"table": table, "report": json.loads(as_json.stdout)}  # stdout is one JSON object
+
+
+def test_eval_of_a_folder_prints_the_table_and_the_json_report(folder_report, trained):
+    out = folder_report["table"].stdout
+    for text in ("student vs teacher", "student vs truth", "teacher vs truth", "retained",
+                 "detector", "retriever", "reasoner", "answer exact match by question type"):
+        assert text in out, text
+    report = folder_report["report"]
+    assert REPORT_KEYS <= set(report) and report["split"] == "test" and report["preset"] == "tiny"
+    assert report["model"] == str(trained["out"]) and report["n_records"] > 0
+    assert set(report["student_vs_teacher"]) == {"detector", "retriever", "reasoner"}
+
+
+def test_eval_of_a_registry_uri_pulls_the_same_student(example, trained, small_spec, folder_report):
+    from distillery.cli import resolve_student
+    from distillery.spec import load_spec
+    from registry.models import log_and_register
+
+    spec = load_spec(small_spec)
+    mv = log_and_register(trained["out"], spec, {"answer_agreement": 0.0})
+    uri = f"models:/{spec.registry.model_name}/{mv.version}"
+    result = invoke("eval", uri, "--workdir", example["dir"], "--preset", "tiny", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == uri and str(report["registry"]["version"]) == str(mv.version)
+    assert report["student_vs_teacher"] == folder_report["report"]["student_vs_teacher"]  # same weights
+    folder, pulled = resolve_student(f"runs:/{mv.run_id}/student", Path(example["dir"]) / "dl-runs")
+    assert pulled is None
+    assert (folder / "model.safetensors").read_bytes() == (trained["out"] / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("what", ["missing-folder", "not-a-student", "unknown-uri", "unknown-name", "bad-split"])
+def test_eval_bad_input_exits_2_with_one_line(example, what):
+    root = Path(example["dir"])
+    target = {"missing-folder": str(root / "no-such-student"), "not-a-student": str(root / "world"),
+              "unknown-uri": "models:/no-such-model@champion", "unknown-name": "no-such-model",
+              "bad-split": str(root / "world")}[what]
+    extra = ["--split", "dev"] if what == "bad-split" else []
+    result = invoke("eval", target, "--workdir", root, "--preset", "tiny", *extra)
+    assert_clean_error(result, "dev" if what == "bad-split" else target)
