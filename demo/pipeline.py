@@ -136,14 +136,17 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
         spec=spec, inputs=str(world.split_dir("train")), traces=traces["train"],
         eval_inputs=str(world.split_dir("test")), eval_traces=traces["test"], workdir=str(workdir / "runs")))
     reg = result["registered"]
-    rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity"), "registered": reg,
-                              "train": result.get("train"), "reused": result.get("reused", False)}
     model_ref = f"{reg['model_name']}@champion" if reg["promoted"] else f"{reg['model_name']}/{reg['version']}"
+    rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity") or _logged_fidelity(reg["run_id"]),
+                              "registered": reg, "registered_uri": f"models:/{model_ref}",
+                              "train": result.get("train"), "reused": result.get("reused", False)}
     rep.stage("pull and predict", lambda: _pull_and_predict(rep, model_ref, world, workdir))
+    rep.figures["speed"] = rep.stage("speed (student vs teacher graph, batch 1)",
+                                     lambda: _speed(Path(rep.paths["pulled_student"]), spec, world))
     rep.figures["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    rep.commands["read_traces"] = (f"python -c \"import lance; print(lance.dataset('{workdir / 'traces.lance'}')"
+    rep.commands["read_traces"] = (f"python -c \"import lance; print(lance.dataset('{traces['train']}')"
                                    ".to_table().to_pandas().head())\"")
-    rep.commands["mlflow_ui"] = f"mlflow ui --backend-store-uri sqlite:///{workdir / 'runs' / 'mlflow.db'} --host 127.0.0.1"
+    rep.commands["mlflow_ui"] = f"mlflow ui --backend-store-uri {_tracking_uri()} --host 127.0.0.1"
     rep.commands["prefect_ui"] = f"PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
     path = rep.write()
     print_report(rep, path)
@@ -165,6 +168,44 @@ def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> 
     rep.paths["pulled_student"] = str(folder)
     rep.commands["predict"] = (f"distillery predict {folder} --image {image} --question \"{first['question']}\"")
     rep.commands["pull"] = f"distillery pull {model_ref} --to ./student"
+
+
+def _logged_fidelity(run_id: str | None) -> dict[str, dict[str, float]] | None:
+    """A reused student's per-node fidelity, read back from its MLflow run (``fidelity.NODE.METRIC``)."""
+    import mlflow
+
+    if not run_id:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for key, value in mlflow.get_run(run_id).data.metrics.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "fidelity":
+            out.setdefault(parts[1], {})[parts[2]] = value
+    return out or None
+
+
+def _speed(student: Path, spec, world, n: int = 4) -> dict[str, float]:
+    """Per-image latency at batch 1 of the pulled student and of the whole teacher graph, on the
+    CPU, on a few test images (``python -m benchmarks.student`` measures more, batch 16 too)."""
+    from students.efficiency import measure
+
+    reqs = world.annotations("test")["requests"][:n]
+    images = [world.split_dir("test") / r["image"] for r in reqs]
+    res = measure(student, spec, images, [r["question"] for r in reqs], batch_sizes=(1,), repeats=3,
+                  graph_repeats=2, device="cpu")
+    s, g = res["student"], res["graph"]
+    out = {"student_ms_b1": round(s["latency_b1_s"] * 1e3, 2), "graph_ms_b1": round(g["latency_b1_s"] * 1e3, 2),
+           "speedup_batch1": round(res["ratios"]["speedup_batch1"], 1), "param_ratio": round(res["ratios"]["param_ratio"], 1),
+           "student_parameters": s["parameters"], "graph_parameters": g["parameters"]}
+    console.print(f"student {out['student_ms_b1']} ms/img vs graph {out['graph_ms_b1']} ms/img: "
+                  f"{out['speedup_batch1']}x faster, {out['param_ratio']}x fewer parameters")
+    return out
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def print_report(rep: DemoReport, path: Path) -> None:

@@ -3,53 +3,98 @@
 The distill flow calls ``train_flow`` directly (in-process, the embedded default) or, when
 ``spec.training.deployment`` names a deployment (e.g. ``train/gpu`` on the ``gpu`` work pool),
 through ``run_deployment`` so the step runs on a GPU worker. Paths must then be on storage both
-workers see.
+workers see (``/data`` in the team stack): the flow's result is written as JSON into ``out_dir``
+(``RESULT_FILE``, atomically) and the distill flow reads it from there with ``read_result``, so
+nothing depends on Prefect result persistence. With ``mlflow_run_id`` the step logs into the
+distillation's MLflow run: training params, per-epoch metrics, system metrics, loss curves.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from distillery.spec import Spec
 
+RESULT_FILE = "train_result.json"  # the flow's return value, beside the student
+
 
 @flow(name="train", log_prints=True)
 def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None,
-               init_from: str | None = None, since_version: int | None = None) -> dict:
+               init_from: str | None = None, since_version: int | None = None,
+               mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
     """Train the student on ``traces`` (``URI`` or ``URI@VERSION``) and save it in ``out_dir``.
 
     Args:
         spec: the distillation spec (student and training settings).
         traces: trace store URI, optionally ``@VERSION``.
-        out_dir: where the student folder is written (safetensors + config + tokenizer).
+        out_dir: where the student folder is written (safetensors + config + tokenizer), and
+            ``train_result.json`` (this flow's result).
         version: trace-store version to read (default: latest; the one read is recorded).
         init_from: a student folder to warm-start from (continual distillation).
         since_version: train on records added after this version, plus a replay sample of older ones.
+        mlflow_run_id: the distillation's MLflow run to log training into (None: no MLflow).
+        tracking_uri: the MLflow store of that run (None: $MLFLOW_TRACKING_URI / already set).
     """
-    from students.continual import replay_sample, split_increment
+    from registry.tracking import training_run
     from students.train import train
+
+    replay, only_new = continual_selection(spec, traces, version, since_version)
+    progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training steps (%)")
+    with training_run(spec, mlflow_run_id, tracking_uri) as log_epoch:
+        def on_event(event: dict) -> None:  # every trainer event: move the progress bar, log epochs
+            total = event.get("total_steps") or 0
+            if total and "step" in event:
+                update_progress_artifact(progress_id, 100.0 * event["step"] / total)
+            log_epoch(event)
+
+        result = train(spec, traces, version, out_dir, init_from=init_from, replay=replay, only_ids=only_new,
+                       progress=False, callback=on_event)
+    update_progress_artifact(progress_id, 100.0)
+    summary = {"out_dir": str(result.out_dir), "traces_uri": result.traces_uri,
+               "traces_version": result.traces_version, "metrics": result.metrics, "history": result.history,
+               "lineage": result.lineage, "seconds": result.seconds,
+               "flow_run_id": str(runtime.flow_run.id or ""), "mlflow_run_id": mlflow_run_id}
+    write_result(result.out_dir, summary)
+    return summary
+
+
+def continual_selection(spec: Spec, traces: str, version: int | None, since_version: int | None):
+    """(replay sample, ids of the new records) for a continual run; (None, None) otherwise."""
+    if since_version is None:
+        return None, None
+    from students.continual import replay_sample, split_increment
     from teachers.graph import TeacherGraph
     from teachers.store import parse_traces_ref
 
-    logger = get_run_logger()
-    replay, only_new = None, None
-    if since_version is not None:
-        uri, ref_version = parse_traces_ref(traces)
-        inc = split_increment(uri, TeacherGraph(spec).fingerprint, version or ref_version, since_version)
-        only_new = {r.input_id for r in inc.new}
-        replay = replay_sample(inc.old, len(inc.new), spec.training.replay_fraction, spec.training.seed)
-        logger.info("continual: %d new records since v%s, %d replayed", len(inc.new), since_version, len(replay))
-    progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training steps (%)")
+    uri, ref_version = parse_traces_ref(traces)
+    inc = split_increment(uri, TeacherGraph(spec).fingerprint, version or ref_version, since_version)
+    replay = replay_sample(inc.old, len(inc.new), spec.training.replay_fraction, spec.training.seed)
+    get_run_logger().info("continual: %d new records since v%s, %d replayed", len(inc.new), since_version,
+                          len(replay))
+    return replay, {r.input_id for r in inc.new}
 
-    def on_event(event: dict) -> None:
-        total = event.get("total_steps") or 0
-        if total and "step" in event:
-            update_progress_artifact(progress_id, 100.0 * event["step"] / total)
 
-    result = train(spec, traces, version, out_dir, init_from=init_from, replay=replay, only_ids=only_new,
-                   progress=False, callback=on_event)
-    update_progress_artifact(progress_id, 100.0)
-    return {"out_dir": str(result.out_dir), "traces_uri": result.traces_uri,
-            "traces_version": result.traces_version, "metrics": result.metrics, "history": result.history,
-            "lineage": result.lineage, "seconds": result.seconds}
+def write_result(out_dir: str | Path, result: dict) -> Path:
+    """The flow's result as ``out_dir/train_result.json`` (tmp + rename: never half-written)."""
+    from students.train import write_json
+
+    path = Path(out_dir) / RESULT_FILE
+    write_json(path, result)
+    return path
+
+
+def read_result(out_dir: str | Path, flow_run_id: str | None = None) -> dict:
+    """The result a train flow run wrote into ``out_dir``; with ``flow_run_id``, refuse a file
+    left there by another run (e.g. an earlier, failed attempt)."""
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the train step wrote no result (is {out_dir} on storage both "
+                                "workers see?)")
+    result = json.loads(path.read_text())
+    if flow_run_id is not None and result.get("flow_run_id") != str(flow_run_id):
+        raise RuntimeError(f"{path} was written by flow run {result.get('flow_run_id')}, not {flow_run_id}")
+    return result

@@ -35,6 +35,9 @@ from registry.config import CHALLENGER, CHAMPION, RegistryConfig
 from registry.tracking import setup
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# The packages the pyfunc model imports at load time, copied into the model (its code/ folder).
+CODE_PATHS = tuple(str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("students", "teachers", "registry"))
+NOT_MODEL_FILES = ("checkpoints", "train_result.json")  # in a student folder, not part of the model
 LOGGED_NAME = "student"  # name of the logged model inside its run
 STUDENT_FILES = ("model.safetensors", "config.json")  # the minimum a student folder holds
 LINEAGE_KEYS = ("graph_fingerprint", "traces_version", "traces_uri", "spec_hash",
@@ -80,11 +83,13 @@ def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], 
     with _in_run(run_id, exp_id) as run, tempfile.TemporaryDirectory(prefix="student-") as tmp:
         mlflow.set_tags({k: str(v) for k, v in lineage.items() if k in LINEAGE_KEYS})
         mlflow.log_metrics(_numeric(metrics))
-        # The trainer's resumable checkpoints live in the student folder; they are not the model.
-        staged = shutil.copytree(model_dir, Path(tmp) / "student", ignore=shutil.ignore_patterns("checkpoints"))
+        # The trainer's resumable checkpoints (and the train flow's result) live in the student
+        # folder; they are not the model.
+        staged = shutil.copytree(model_dir, Path(tmp) / "student", ignore=shutil.ignore_patterns(*NOT_MODEL_FILES))
         info = mlflow.pyfunc.log_model(
             name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(staged)},
-            signature=SIGNATURE, input_example=example_input(), pip_requirements=cfg.requirements(),
+            code_paths=list(CODE_PATHS), signature=SIGNATURE, input_example=example_input(),
+            pip_requirements=cfg.requirements(),
             metadata={"distillery_spec": spec.name, "train_run_id": run.info.run_id},
         )
         return info.model_uri

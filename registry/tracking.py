@@ -9,6 +9,10 @@ with start_run(spec.registry, spec, run_name="train", tags={"prefect_flow_run_id
     log_report(report)                       # evaluation.json
 ```
 
+The distill flow opens the run before training (``open_run``) and passes its id on: the train
+step (in-process or on a GPU worker) resumes it with system metrics on (``training_run``), the
+evaluation and the registration log into it too (``resume_run``).
+
 The experiment is created with an explicit artifact location (next to a SQLite store, or the
 tracking server's default), so nothing lands in ./mlruns.
 """
@@ -19,7 +23,7 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,17 +55,66 @@ def setup(cfg: RegistryConfig, experiment: str, workdir: str | Path | None = Non
 @contextmanager
 def start_run(cfg: RegistryConfig, spec: Any, run_name: str | None = None,
               tags: Mapping[str, str] | None = None, workdir: str | Path | None = None,
-              ) -> Iterator[mlflow.ActiveRun]:
+              log_system_metrics: bool | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run in the spec's experiment with the spec logged (params + spec.yaml).
 
-    spec: a ``distillery.spec.Spec``; tags: e.g. prefect_flow_run_id, traces_version."""
+    spec: a ``distillery.spec.Spec``; tags: e.g. prefect_flow_run_id, traces_version;
+    log_system_metrics: None = ``cfg.log_system_metrics``."""
     exp_id = setup(cfg, cfg.experiment or spec.name, workdir)
-    system = cfg.log_system_metrics and importlib.util.find_spec("psutil") is not None
+    system = cfg.log_system_metrics if log_system_metrics is None else log_system_metrics
     run_tags = {"spec_name": spec.name, "spec_hash": spec.spec_hash(), **(tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=_str_values(run_tags),
-                          log_system_metrics=system, nested=mlflow.active_run() is not None) as run:
+                          log_system_metrics=system and _has_psutil(),
+                          nested=mlflow.active_run() is not None) as run:
         log_spec(spec)
         yield run
+
+
+def open_run(cfg: RegistryConfig, spec: Any, run_name: str | None = None,
+             tags: Mapping[str, str] | None = None, workdir: str | Path | None = None) -> str:
+    """Create the run of one distillation (spec logged) and return its id; the steps that
+    follow (training, evaluation, registration) continue it with ``resume_run``."""
+    with start_run(cfg, spec, run_name, tags, workdir, log_system_metrics=False) as run:
+        return run.info.run_id
+
+
+@contextmanager
+def resume_run(run_id: str, log_system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Continue ``run_id`` (possibly created in another process): the active run if it is that
+    one, else the run reopened (``system/*`` metrics sampled meanwhile when asked)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    with mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics and _has_psutil(),
+                          nested=active is not None) as run:
+        yield run
+
+
+@contextmanager
+def training_run(spec: Any, run_id: str | None, tracking_uri: str | None = None,
+                 ) -> Iterator[Callable[[dict], None]]:
+    """Around the trainer: resume ``run_id`` with system metrics on, log the training params,
+    yield a trainer callback that logs every epoch's metrics as it ends (step = epoch), and
+    plot the loss curves at the end. ``run_id`` None: no MLflow, the callback does nothing."""
+    if run_id is None:
+        yield lambda event: None
+        return
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    history: list[dict[str, float]] = []
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "epoch":
+            row = {k: v for k, v in event.items() if k not in ("event", "epochs")}
+            history.append(row)
+            log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row.get("epoch", len(history))))
+
+    with resume_run(run_id, log_system_metrics=spec.registry.log_system_metrics):
+        log_training_params(spec.training.model_dump(mode="json"))
+        yield on_event
+        if history:
+            log_loss_curves(history, nodes=list(spec.teachers))
 
 
 def log_spec(spec: Any) -> None:
@@ -161,15 +214,93 @@ def _draw_detections(ax, image, det: Mapping[str, Any]) -> None:
     h, w = image.shape[:2]  # (H, W, 3)
     ax.imshow(image)
     ax.axis("off")
-    for rle in det.get("masks") or []:
+    for rle in _seq(det.get("masks")):
         counts = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]
         m = mask_utils.decode({"size": list(rle["size"]), "counts": counts})  # (H, W)
         ax.imshow(np.ma.masked_where(m == 0, m), alpha=0.4, cmap="autumn", vmin=0, vmax=1)
-    names = det.get("labels") or [str(c) for c in det.get("classes") or []]
-    for i, (x1, y1, x2, y2) in enumerate(det.get("boxes") or []):
+    names = [str(n) for n in _seq(det.get("labels"))] or [str(int(c)) for c in _seq(det.get("classes"))]
+    for i, (x1, y1, x2, y2) in enumerate(_seq(det.get("boxes"))):
         ax.add_patch(Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h, fill=False, color="lime", lw=1))
         if i < len(names):
             ax.text(x1 * w, y1 * h, names[i], color="lime", fontsize=6, va="bottom")
+
+
+def one_per_image(records: Sequence[Any], n: int, node: str) -> list[Any]:
+    """The first ``n`` records (with image bytes and an output of ``node``) of distinct images."""
+    seen, out = set(), []
+    for rec in records:
+        if len(out) == n:
+            break
+        if rec.image_bytes and node in rec.outputs and rec.image_bytes not in seen:
+            seen.add(rec.image_bytes)
+            out.append(rec)
+    return out
+
+
+def sample_overlays(records: Sequence[Any], predictions: Sequence[Mapping[str, Any]], node: str,
+                    ) -> list[dict[str, Any]]:
+    """``log_samples`` input from teacher records (image bytes + outputs) and the student's
+    outputs on them (``predictions[i]``: node -> output), for one detection/segmentation node."""
+    import io
+
+    from PIL import Image
+
+    return [{"image": Image.open(io.BytesIO(rec.image_bytes)), "teacher": rec.outputs.get(node) or {},
+             "student": pred.get(node) or {}, "title": Path(rec.image_path).name}
+            for rec, pred in zip(records, predictions)]
+
+
+def log_by_type(by_type: Mapping[str, Mapping[str, float]], name: str = "plots/agreement_by_type.png") -> None:
+    """Bar chart of answer agreement per question type: student vs teacher (and each vs the
+    truth when known). by_type: ``{type: {"student_vs_teacher": .., "student_vs_truth": .., "n"}}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not by_type:
+        return
+    types = list(by_type)
+    series = [s for s in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
+              if any(s in row for row in by_type.values())]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(types), 3.4), layout="constrained")
+    x, width = np.arange(len(types)), 0.8 / len(series)
+    for j, s in enumerate(series):
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, [by_type[t].get(s, np.nan) for t in types], width,
+               label=s.replace("_", " "))
+    ax.set_xticks(x, [f"{t}\n(n={by_type[t].get('n', '?')})" for t in types])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answer exact match")
+    ax.set_title("agreement by question type")
+    ax.legend(fontsize=7)
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def forgetting_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """``forgetting.<metric>`` (champion - student on the OLD held-out set: > 0 = forgot) and
+    ``forgetting.<old|new>.<student|champion>.<metric>`` from ``flows.distill.forgetting_report``."""
+    out = {f"forgetting.{k}": v for k, v in (report.get("forgetting") or {}).items()}
+    for split in ("old", "new"):
+        part = report.get(split) or {}
+        for who in ("student", "champion"):
+            out |= {f"forgetting.{split}.{who}.{k}": v for k, v in (part.get(who) or {}).items()}
+        if "n" in part:
+            out[f"forgetting.{split}.n"] = part["n"]
+    return {_metric_key(k): float(v) for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def log_forgetting(report: Mapping[str, Any]) -> None:
+    """The forgetting report as metrics (``forgetting_metrics``) and ``forgetting.json``."""
+    mlflow.log_metrics(forgetting_metrics(report))
+    mlflow.log_dict(dict(report), "forgetting.json")
+
+
+def _seq(value: Any) -> list:
+    """A list from a list, tuple or array (teacher outputs hold numpy arrays); [] for None."""
+    return [] if value is None else list(value)
 
 
 def log_report(report: Mapping[str, Any], name: str = "evaluation.json") -> None:
@@ -200,6 +331,10 @@ def _metric_key(key: str) -> str:
     from students.report import metric_key
 
     return metric_key(key)
+
+
+def _has_psutil() -> bool:
+    return importlib.util.find_spec("psutil") is not None
 
 
 def _str_values(tags: Mapping[str, Any]) -> dict[str, str]:

@@ -157,6 +157,7 @@ class TraceDataset(torch.utils.data.Dataset):
         self.schema, self.cfg, self.tok, self.train, self.epoch = schema, cfg, tokenizer, train, 0
         self.doc_index = {name: {d: i for i, d in enumerate(n["doc_ids"])}
                           for name, n in schema.nodes.items() if n["type"] == "rag"}
+        self._cache: dict[int, dict[str, Any]] = {}  # index -> decoded, unflipped item
 
     def __len__(self) -> int:
         return len(self.records)
@@ -171,10 +172,19 @@ class TraceDataset(torch.utils.data.Dataset):
         return bool(rng.random() < self.cfg.hflip)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The record's item, flipped when this epoch's draw says so. Decoding (PNG, RLE masks,
+        tokenizing) is done once per record and kept: a flip of the kept item is exactly the item
+        decoded flipped, and later epochs cost no decoding."""
+        item = self._cache.get(index)
+        if item is None:
+            item = self._decode(index)
+            self._cache[index] = item
+        return flip_item(item) if self.flipped(index) else item
+
+    def _decode(self, index: int) -> dict[str, Any]:
         rec, cfg = self.records[index], self.cfg
-        flip = self.flipped(index)
         img = open_image(rec.image_bytes, f"record {rec.input_id}")
-        item = {"input_id": rec.input_id, "image": image_tensor(img, cfg.image_size, flip),
+        item = {"input_id": rec.input_id, "image": image_tensor(img, cfg.image_size),
                 "question_ids": encode_question(self.tok, rec.question, cfg.max_question_tokens), "targets": {}}
         for name, node in self.schema.nodes.items():
             out = usable_output(rec, name)
@@ -184,10 +194,24 @@ class TraceDataset(torch.utils.data.Dataset):
             elif out is not None and node["type"] == "llm":
                 t = llm_target(out, self.tok, self.schema.text, cfg)
             elif node["type"] == "yolo":  # an empty target even when missing: the batch needs C and mask size
-                t = yolo_target(out or {}, node, cfg.image_size // 4, flip)
+                t = yolo_target(out or {}, node, cfg.image_size // 4, flip=False)
             present = out is not None and t is not None
             item["targets"][name] = {"type": node["type"], "present": present, "target": t}
         return item
+
+
+def flip_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A horizontally flipped copy of a decoded item: the image, and every yolo target's boxes
+    (x -> 1 - x) and masks; the item itself is left as it is."""
+    targets = {}
+    for name, entry in item["targets"].items():
+        t = entry["target"]
+        if entry["type"] == "yolo" and t is not None:
+            b = t["boxes"]  # (N, 4) xyxy normalized
+            t = {**t, "boxes": torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1).clamp(0, 1),
+                 "masks": t["masks"].flip(-1)}
+        targets[name] = {**entry, "target": t}
+    return {**item, "image": item["image"].flip(-1), "targets": targets}
 
 
 def _pad(seqs: list[torch.Tensor], value, dtype=None) -> torch.Tensor:

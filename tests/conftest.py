@@ -22,6 +22,14 @@ from distillery import runtime  # noqa: E402
 
 runtime.configure(offline=True)
 
+# Prefect binds its console log handler to the sys.stderr of the moment it is first imported. Import
+# it now, so that the first import never happens inside a CliRunner (whose stream is closed after
+# the command, which would break every later flow's logging).
+import prefect  # noqa: E402,F401
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

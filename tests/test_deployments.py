@@ -1,11 +1,12 @@
 """Deployments against a real `prefect server start` on loopback: `distillery serve` registers
 distill/manual, distill/recurring (cron) and train/local with their parameter schemas, and a run
-triggered through the API completes and registers a student version in MLflow."""
+triggered through the API completes and registers a student version in MLflow. Its spec sets
+``training.deployment: train/local``, so the train step runs as a deployment of its own (as it
+would on the gpu pool) and the distill run reads its result back from the shared out_dir."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def _free_port() -> int:
@@ -57,10 +59,13 @@ def test_serve_registers_deployments_and_a_triggered_run_registers_a_student(tin
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     spec = tmp_path / "spec.yaml"
-    shutil.copy(tiny_demo["spec_path"], spec)
+    data = yaml.safe_load(Path(tiny_demo["spec_path"]).read_text())
+    data.setdefault("training", {})["deployment"] = "train/local"  # the train step as its own deployment
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
     inputs = tiny_demo["world"].split_dir("train")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": mlflow_uri,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # pick up triggered runs (distill, then train) quickly
     serve = subprocess.Popen([sys.executable, "-m", "distillery.cli", "serve", str(spec), "--inputs", str(inputs),
                               "--workdir", str(tmp_path / "runs"), "--cron", "0 4 * * *"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -76,18 +81,31 @@ def test_serve_registers_deployments_and_a_triggered_run_registers_a_student(tin
 
             run = run_deployment("distill/manual", timeout=900, poll_interval=2)
             assert run.state.is_completed(), run.state
+            train_run = _train_run(get_client, names["local"].id)
         import mlflow
 
         client = mlflow.MlflowClient(mlflow_uri)
         versions = client.search_model_versions("name = 'shapes-tiny'")
         assert len(versions) == 1
         assert versions[0].tags["prefect_flow_run_id"] == str(run.id)
+        assert train_run.state.is_completed() and train_run.parameters["mlflow_run_id"] == versions[0].run_id
+        assert "train_loss/total" in client.get_run(versions[0].run_id).data.metrics  # logged by the train run
     finally:
         serve.terminate()
         try:
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             serve.kill()
+
+
+def _train_run(get_client, deployment_id):
+    """The one flow run of the train/local deployment."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 def _wait_for_deployments(get_client, n: int, timeout: float):

@@ -147,3 +147,43 @@ def test_sigkill_mid_run_then_rerun_records_each_input_once(tiny_demo, tmp_path)
     assert summary["skipped"] == partial and summary["written"] + summary["quarantined"] == 16 - partial
     ids = [r.input_id for r in TraceStore(traces).read(with_images=False)]
     assert len(ids) == 16 and len(set(ids)) == 16
+
+
+def test_every_kind_of_bad_input_is_quarantined_by_the_flow_while_good_ones_are_recorded(
+        tiny_demo, tmp_path, prefect_harness):
+    """Each reason of teachers.inputs.REASONS through the real flow: kept in the store with its
+    reason, counted in the summary; an EXIF-rotated photo is recorded upright."""
+    from flows.record import record_flow
+    from teachers.inputs import REASONS
+    from test_inputs import _exif_rotated_jpeg, _png, _png_claiming
+
+    spec = load_spec(tiny_demo["spec_path"])
+    inputs = _inputs(tiny_demo, tmp_path, n=3)
+    img = inputs / "images"
+    good = json.loads((inputs / "requests.jsonl").read_text().splitlines()[0])["image"]
+    (img / "zero.png").write_bytes(b"")
+    (img / "text.png").write_text("not a png\n")
+    (img / "half.png").write_bytes(_png(64, 64)[: len(_png(64, 64)) // 2])
+    (img / "bomb.png").write_bytes(_png_claiming(60_000, 60_000))
+    (img / "rotated.jpg").write_bytes(_exif_rotated_jpeg(48, 24))
+    bad = [{"image": "images/missing.png", "question": "q?"}, {"image": "images/zero.png", "question": "q?"},
+           {"image": "images/text.png", "question": "q?"}, {"image": "images/half.png", "question": "q?"},
+           {"image": "images/bomb.png", "question": "q?"}, {"image": good, "question": "  "},
+           {"image": good, "question": "x" * (spec.inputs.max_question_chars + 1)},
+           {"image": "images/rotated.jpg", "question": "How many hazards are there?"}]
+    with open(inputs / "requests.jsonl", "ab") as f:
+        f.write(b"".join(json.dumps(b).encode() + b"\n" for b in bad))
+        f.write(b'{"image": "' + good.encode() + b'", "question": "caf\xe9?"}\n')  # latin-1
+        f.write(b'{"image": "x.png", "question": \n')  # a broken line
+    traces = str(tmp_path / "traces.lance")
+
+    summary = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    assert summary["by_reason"] == {reason: 1 for reason in REASONS}
+    assert summary["written"] == 4  # the three good ones and the rotated photo
+    stored = TraceStore(traces).read(status=None)
+    assert sorted(r.reason for r in stored if r.status != "ok") == sorted(REASONS)
+    assert all(r.detail for r in stored if r.status != "ok")  # every one says what is wrong
+    rotated = next(r for r in stored if r.status == "ok" and r.image_path.endswith("rotated.jpg"))
+    from students.data import open_image
+
+    assert open_image(rotated.image_bytes, "rotated").size == (24, 48)  # read upright (EXIF applied)

@@ -239,6 +239,23 @@ def test_loading_never_unpickles(env, champion, monkeypatch):
     assert isinstance(out["answer"][0], str)
 
 
+def test_logged_model_has_signature_input_example_and_its_code(env, champion):
+    import yaml
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{CHAMPION_NAME}@champion", tracking_uri=env["uri"]))
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    assert [c["name"] for c in json.loads(mlmodel["signature"]["inputs"])] == ["image", "question"]
+    assert "answer" in {c["name"] for c in json.loads(mlmodel["signature"]["outputs"])}
+    example = mlmodel["saved_input_example_info"]
+    assert (folder / example["artifact_path"]).is_file()
+    saved = json.loads((folder / example["artifact_path"]).read_text())
+    assert "question" in json.dumps(saved)
+    code = mlmodel["flavors"]["python_function"]["code"]  # code_paths: the packages it imports
+    for module in ("students/predictor.py", "students/model.py", "teachers/records.py", "registry/pyfunc_model.py"):
+        assert (folder / code / module).is_file(), module
+    assert not list((folder / code).rglob("__pycache__"))
+
+
 def test_pull_writes_a_folder_that_answers_without_the_store(env, champion):
     mlflow.set_tracking_uri(env["uri"])
     to = env["tmp"] / "pulled"

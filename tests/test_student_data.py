@@ -173,3 +173,22 @@ def test_images_are_decoded_like_requests_exif_and_rgb():
     with pytest.raises(ValueError, match="record abc: cannot decode the image"):
         open_image(b"not an image", "record abc")
     assert np.asarray(decoded).shape == (40, 20, 3)
+
+
+def test_decoded_items_are_kept_and_a_kept_item_flips_exactly_like_a_fresh_decode(graph):
+    """Decoding is done once per record; a flipped epoch gives the bytes a flipped decode gives."""
+    from students.data import image_tensor, open_image, yolo_target
+
+    _, records, schema, tok = graph
+    cfg = tiny_config(hflip=1.0)
+    ds = TraceDataset(records, schema, cfg, tok)
+    first, again = ds[0], ds[0]
+    rec = ds.records[0]
+    fresh = image_tensor(open_image(rec.image_bytes, "r"), cfg.image_size, flip=True)
+    assert torch.equal(first["image"], fresh) and torch.equal(again["image"], fresh)  # the kept item is not changed
+    node = schema.nodes["detector"]
+    want = yolo_target(rec.outputs["detector"], node, cfg.image_size // 4, flip=True)
+    got = first["targets"]["detector"]["target"]
+    for key in ("boxes", "masks", "probs"):
+        assert torch.equal(got[key], want[key]), key
+    assert len(ds._cache) == 1
