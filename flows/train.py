@@ -25,7 +25,7 @@ RESULT_FILE = "train_result.json"  # the flow's return value, beside the student
 @flow(name="train", log_prints=True)
 def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None,
                init_from: str | None = None, since_version: int | None = None,
-               mlflow_run_id: str | None = None, tracking_uri: str | None = None) -> dict:
+               mlflow_run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True) -> dict:
     """Train the student on ``traces`` (``URI`` or ``URI@VERSION``) and save it in ``out_dir``.
 
     Args:
@@ -38,6 +38,7 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
         since_version: train on records added after this version, plus a replay sample of older ones.
         mlflow_run_id: the distillation's MLflow run to log training into (None: no MLflow).
         tracking_uri: the MLflow store of that run (None: $MLFLOW_TRACKING_URI / already set).
+        progress: draw the progress bar (on a terminal) and print each epoch's table of losses.
     """
     from registry.tracking import training_run
     from students.train import train
@@ -45,14 +46,17 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
     replay, only_new = continual_selection(spec, traces, version, since_version)
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training steps (%)")
     with training_run(spec, mlflow_run_id, tracking_uri) as log_epoch:
+        shown = [0]  # last whole percent sent to the API (one call per percent, not per step)
+
         def on_event(event: dict) -> None:  # every trainer event: move the progress bar, log epochs
             total = event.get("total_steps") or 0
-            if total and "step" in event:
-                update_progress_artifact(progress_id, 100.0 * event["step"] / total)
+            if total and "step" in event and int(100 * event["step"] / total) > shown[0]:
+                shown[0] = int(100 * event["step"] / total)
+                update_progress_artifact(progress_id, float(shown[0]))
             log_epoch(event)
 
         result = train(spec, traces, version, out_dir, init_from=init_from, replay=replay, only_ids=only_new,
-                       progress=False, callback=on_event)
+                       progress=progress, callback=on_event)
     update_progress_artifact(progress_id, 100.0)
     summary = {"out_dir": str(result.out_dir), "traces_uri": result.traces_uri,
                "traces_version": result.traces_version, "metrics": result.metrics, "history": result.history,
