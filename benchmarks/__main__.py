@@ -1,6 +1,9 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md``.
 
-    python -m benchmarks [--quick]      # or: make bench
+    python -m benchmarks [--quick] [--workdir DIR]     # or: make bench
+
+The demo runs first (cold, then warm) in DIR; the student and fidelity benchmarks then measure the
+student it registered and pulled there.
 
 Each benchmark is a module with ``main(argv) -> dict`` that prints its own figures; this runner
 collects them, puts each figure beside its goal, and records the machine, date and commit.
@@ -38,7 +41,10 @@ GOALS = [
 # Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
 # (student vs truth / teacher vs truth), on the test split and on a fresh world seed.
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
-MODULES = ["record", "student", "fidelity", "demo"]
+# demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
+# same workdir, so one student is trained, not two.
+MODULES = ["demo", "record", "student", "fidelity"]
+SHARES_WORKDIR = {"demo", "student", "fidelity"}
 HERE = Path(__file__).parent
 
 
@@ -55,7 +61,7 @@ def commit() -> str:
         return "unknown"
 
 
-def run_all(quick: bool) -> dict[str, dict]:
+def run_all(quick: bool, workdir: Path) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for name in MODULES:
         try:
@@ -65,7 +71,9 @@ def run_all(quick: bool) -> dict[str, dict]:
             continue
         print(f"== {name}", flush=True)
         try:
-            results[name] = mod.main(["--preset", "tiny"] if quick else [])
+            argv = ["--preset", "tiny"] if quick else []
+            argv += ["--workdir", str(workdir)] if name in SHARES_WORKDIR else []
+            results[name] = mod.main(argv)
         except Exception as e:  # one failing benchmark must not lose the others' figures
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -96,11 +104,17 @@ def render(results: dict[str, dict], quick: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny preset: a plumbing check, not the figures")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="demo workdir shared by demo, student and fidelity (default: DATA_DIR/bench)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: benchmarks/RESULTS.md (with --quick: benchmarks/RESULTS-quick.md)")
     args = ap.parse_args()
     args.out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
-    results = run_all(args.quick)
+    from distillery import runtime
+
+    workdir = (args.workdir or runtime.data_dir() / ("bench-quick" if args.quick else "bench")).resolve()
+    print(f"benchmark workdir: {workdir} (the demo's cold run rebuilds it)", flush=True)
+    results = run_all(args.quick, workdir)
     text = render(results, args.quick)
     args.out.write_text(text)
     print(text)
