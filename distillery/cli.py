@@ -69,7 +69,8 @@ def run_record_flow(spec, inputs: Path, traces: str, show_progress: bool = True)
         task_id = bar.add_task("record", total=None)
         remove = add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
         try:
-            return record_flow(spec=spec, inputs=str(inputs), traces=traces)
+            with runtime.local_prefect():
+                return record_flow(spec=spec, inputs=str(inputs), traces=traces)
         finally:
             remove()  # a later run in this process draws its own bar
 
@@ -109,7 +110,8 @@ def demo(
     runtime.configure()
     from demo.pipeline import run_demo
 
-    run_demo(wd, preset=preset, fresh=fresh, train_teachers=train_teachers)
+    with runtime.local_prefect():
+        run_demo(wd, preset=preset, fresh=fresh, train_teachers=train_teachers)
 
 
 @app.command()
@@ -288,9 +290,10 @@ def distill(
     from flows.distill import distill_flow
 
     base = spec.resolve().parent
-    result = distill_flow(spec=s, inputs=str(inputs), traces=traces or str(base / "traces.lance"),
-                          eval_inputs=str(eval_inputs) if eval_inputs else None,
-                          workdir=str(workdir or base / "runs"), warm_start=not no_warm_start)
+    with runtime.local_prefect():
+        result = distill_flow(spec=s, inputs=str(inputs), traces=traces or str(base / "traces.lance"),
+                              eval_inputs=str(eval_inputs) if eval_inputs else None,
+                              workdir=str(workdir or base / "runs"), warm_start=not no_warm_start)
     print(json.dumps(result, default=str))
 
 

@@ -65,6 +65,20 @@ def keep_torch_threads():
         torch.set_num_threads(before)
 
 
+@contextmanager
+def local_prefect():
+    """Flows run in this process on Prefect's embedded server (no ``PREFECT_API_URL``) send no
+    heartbeats: no worker watches them there, and each flow would wait ~1 s for the heartbeat
+    thread at its end (a rerun that records nothing would take 1.1 s instead of 0.15 s)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _prepare_ultralytics(yolo_dir: Path) -> None:
     """Pre-place the fonts Ultralytics would otherwise download on every train/val run."""
     fonts = yolo_dir / "Ultralytics"

@@ -58,6 +58,15 @@ class ItemError(Exception):
     Returned (not raised) in place of an output; the graph quarantines that input only."""
 
 
+class TransientError(Exception):
+    """A failure of the whole batch that a retry may cure (a model server that timed out, a lost
+    connection). Raised, not returned: the (node, shard) task fails and Prefect retries it,
+    instead of quarantining every input of the batch."""
+
+
+TRANSIENT_ERRORS = (TransientError, ConnectionError, TimeoutError)
+
+
 @dataclass
 class NodeInput:
     """What one node sees for one input: the request's image and the rendered templates."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distillery.spec import Spec, render_template
-from teachers.base import ItemError, NodeInput, TeacherNode, node_class
+from teachers.base import TRANSIENT_ERRORS, ItemError, NodeInput, TeacherNode, node_class
 from teachers.records import Request
 
 
@@ -92,6 +92,8 @@ class TeacherGraph:
             outs = node.run(batch)
             if len(outs) != len(batch):
                 raise RuntimeError(f"node {node.name!r} returned {len(outs)} outputs for {len(batch)} inputs")
+        except TRANSIENT_ERRORS:
+            raise  # the whole (node, shard) task is retried; no input is blamed for it
         except Exception:
             if len(batch) == 1:
                 return [NodeResult(None, _describe(node.name, batch[0]), time.perf_counter() - t0)]

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,15 +239,45 @@ def check_image(data: bytes, cfg: InputsConfig, label: str) -> None:
 # -- everything ------------------------------------------------------------------------------------
 def load_inputs(inputs: str | Path, cfg: InputsConfig) -> tuple[list[Request], list[Quarantined]]:
     """Discover and check every input: (good requests, quarantined), each input id once, in order."""
-    requests: list[Request] = []
-    quarantined: list[Quarantined] = []
-    seen: set[str] = set()
+    scan = scan_inputs(inputs, cfg)
+    return scan.requests, scan.quarantined
+
+
+@dataclass
+class InputScan:
+    requests: list[Request]
+    quarantined: list[Quarantined]
+    skipped: int  # inputs whose id was in ``skip``: not checked again
+
+
+def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = ()) -> InputScan:
+    """``load_inputs``, except that an input whose id is in ``skip`` (already recorded) is only
+    counted: its bytes are read and hashed (the id), not decoded and checked again, so a rerun
+    over recorded inputs costs a read per file."""
+    scan, seen = InputScan([], [], 0), set()
     for found in discover(inputs, cfg):
         item = found
         if isinstance(found, Candidate):
+            known = _known_id(found, skip)
+            if known is not None:
+                scan.skipped += known not in seen
+                seen.add(known)
+                continue
             item = check_input(found.image_path, found.question, cfg, found.where)
         if item.input_id in seen:
             continue
         seen.add(item.input_id)
-        (requests if isinstance(item, Request) else quarantined).append(item)
-    return requests, quarantined
+        (scan.requests if isinstance(item, Request) else scan.quarantined).append(item)
+    return scan
+
+
+def _known_id(found: Candidate, skip: Collection[str]) -> str | None:
+    """The candidate's input id when it is in ``skip`` (a readable file, a text question)."""
+    if not skip or not isinstance(found.question, str):
+        return None
+    try:
+        data = Path(found.image_path).read_bytes()
+    except OSError:
+        return None
+    input_id = make_input_id(data, found.question) if data else None
+    return input_id if input_id in skip else None

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from distillery.spec import Spec
 from teachers.graph import NodeResult, TeacherGraph
-from teachers.inputs import load_inputs
+from teachers.inputs import scan_inputs
 from teachers.records import Quarantined, Request, TeacherRecord
 from teachers.store import TraceStore
 
@@ -63,11 +63,12 @@ def quarantine_record(q: Quarantined, fingerprint: str) -> TeacherRecord:
 
 def plan(spec: Spec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
     """Validate every input and drop the ones this graph has already recorded."""
-    requests, bad = load_inputs(inputs, spec.inputs)
     done = store.recorded_ids(fingerprint)
+    scan = scan_inputs(inputs, spec.inputs, skip=done)  # recorded inputs are not checked again
+    requests, bad = scan.requests, scan.quarantined
     todo = [r for r in requests if r.input_id not in done]
     fresh_bad = [quarantine_record(q, fingerprint) for q in bad if q.input_id not in done]
-    skipped = (len(requests) - len(todo)) + (len(bad) - len(fresh_bad))
+    skipped = scan.skipped + (len(requests) - len(todo)) + (len(bad) - len(fresh_bad))
     return Plan(todo=todo, bad=fresh_bad, skipped=skipped)
 
 

@@ -171,3 +171,20 @@ def test_folder_without_requests_needs_a_default_question(tmp_path):
 def test_missing_inputs_path_is_named(tmp_path):
     with pytest.raises(ValueError, match="nowhere"):
         load_inputs(tmp_path / "nowhere", InputsConfig(default_question="q"))
+
+
+def test_recorded_inputs_are_counted_not_checked_again(folder, monkeypatch):
+    """A rerun: the ids already in the store are skipped after a read and a hash, no decode."""
+    import teachers.inputs as inputs
+
+    requests, bad = load_inputs(folder, CFG)
+    done = {r.input_id for r in requests[:4]}  # good0..good3 with "What is here?"
+    checked = []
+    real = inputs.check_input
+    monkeypatch.setattr(inputs, "check_input",
+                        lambda path, question, *a, **k: checked.append((Path(path).name, question)) or real(path, question, *a, **k))
+    scan = inputs.scan_inputs(folder, CFG, skip=done)
+    assert scan.skipped == 4
+    assert [r.input_id for r in scan.requests] == [r.input_id for r in requests[4:]]
+    assert [q.input_id for q in scan.quarantined] == [q.input_id for q in bad]
+    assert not {(f"good{i}.png", "What is here?") for i in range(4)} & set(checked)

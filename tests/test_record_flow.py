@@ -187,3 +187,28 @@ def test_every_kind_of_bad_input_is_quarantined_by_the_flow_while_good_ones_are_
     from students.data import open_image
 
     assert open_image(rotated.image_bytes, "rotated").size == (24, 48)  # read upright (EXIF applied)
+
+
+def test_one_task_per_node_and_shard_and_a_transient_failure_is_retried_not_quarantined(
+        tiny_demo, tmp_path, prefect_harness, counting, monkeypatch):
+    """10 inputs in shards of 4: 3 shards, so 3 run-node tasks per node (never one per input);
+    a ConnectionError on the retriever's first shard fails that task, Prefect retries it, and
+    every input is recorded."""
+    from flows.record import record_flow
+    from teachers.rag import RagNode
+
+    spec = load_spec(tiny_demo["spec_path"])
+    spec.record.shard_size, spec.record.retry_delay_s = 4, 0.0
+    inputs = _inputs(tiny_demo, tmp_path, n=10)
+    real_run, failures = RagNode.run, []
+
+    def flaky(self, batch):
+        if not failures:
+            failures.append(len(batch))
+            raise ConnectionError("embedding server went away")
+        return real_run(self, batch)
+
+    monkeypatch.setattr(RagNode, "run", flaky)
+    summary = record_flow(spec=spec, inputs=str(inputs), traces=str(tmp_path / "traces.lance"))
+    assert failures and summary["written"] == 10 and summary["quarantined"] == 0
+    assert sorted(counting) == sorted(["detector"] * 3 + ["reasoner"] * 3 + ["retriever"] * 4)  # 3 shards + 1 retry
