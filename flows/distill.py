@@ -225,10 +225,14 @@ def forgetting_report(spec: Spec, champion: dict, trained: dict, traces: str) ->
         if recs:
             out[name] = {"student": headline_metrics(evaluate_student(new_model, recs)),
                          "champion": headline_metrics(evaluate_student(old_model, recs)), "n": len(recs)}
-    if "old" in out:
-        out["forgetting"] = {k: out["old"]["champion"][k] - v for k, v in out["old"]["student"].items()
-                             if k in out["old"]["champion"]}
+    if "old" in out:  # > 0: the new student lost ground on the old set (token_kl: lower is better)
+        old_champion = out["old"]["champion"]
+        out["forgetting"] = {k: (v - old_champion[k]) if k in LOWER_IS_BETTER else (old_champion[k] - v)
+                             for k, v in out["old"]["student"].items() if k in old_champion}
     return out
+
+
+LOWER_IS_BETTER = {"token_kl"}
 
 
 forgetting_task = task(name="forgetting", cache_policy=NO_CACHE)(forgetting_report)
