@@ -167,7 +167,7 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
     ``workdir/runs/mlflow.db``). Raises FileNotFoundError / LookupError / ValueError (or MLflow's
     error) for bad input."""
     from registry.config import RegistryConfig
-    from registry.models import pull, student_dir, use_store
+    from registry.models import download_logged, pull, student_dir
 
     path = Path(model_uri).expanduser()
     if path.is_dir():
@@ -180,14 +180,7 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
                                 "models:/NAME/VERSION, runs:/RUN_ID/student)")
     store = tracking_uri or RegistryConfig().resolve_tracking_uri((workdir or Path.cwd()) / "runs")
     if model_uri.startswith("runs:/") or _LOGGED_MODEL.match(model_uri):
-        import mlflow
-
-        use_store(store)
-        dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp / "download")))
-        # A logged pyfunc student keeps the folder in artifacts/student (runs:/RUN_ID/student).
-        inner = next((d for d in (dl / "artifacts" / "student", dl / "student" / "artifacts" / "student")
-                      if d.is_dir()), dl)
-        return student_dir(inner), None
+        return download_logged(model_uri, tmp, tracking_uri=store), None
     try:
         folder = pull(model_uri, tmp / "pulled", tracking_uri=store)
     except LookupError as e:

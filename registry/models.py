@@ -211,10 +211,9 @@ def _source_run_id(model_uri: str) -> str | None:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    from students.report import metric_key
+    from students.report import mlflow_metrics
 
-    return {metric_key(k): float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return mlflow_metrics(metrics)
 
 
 # -- promotion -------------------------------------------------------------------------------------
@@ -360,13 +359,25 @@ def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Pat
     with tempfile.TemporaryDirectory(dir=to.parent, prefix=f".{to.name}-") as tmp:
         src = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=f"{tmp}/dl"))
         staged = Path(tmp) / "pulled"
-        shutil.copytree(src / "artifacts" / "student", staged / "student")
+        shutil.copytree(src / STUDENT_ARTIFACT, staged / "student")
         shutil.copy2(src / "MLmodel", staged / "MLmodel")
         (staged / "registry.json").write_text(json.dumps(_registry_info(mv), indent=2))
         if to.exists():
             shutil.rmtree(to)
         staged.rename(to)
     return to
+
+
+STUDENT_ARTIFACT = Path("artifacts") / "student"  # where a logged pyfunc student keeps the folder
+
+
+def download_logged(model_uri: str, to: str | Path, tracking_uri: str | None = None) -> Path:
+    """The student folder of a logged (not necessarily registered) model: ``runs:/RUN_ID/student``
+    or ``models:/m-...`` (MLflow 3's logged-model id), downloaded into ``to``."""
+    use_store(tracking_uri)
+    dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(Path(to) / "download")))
+    inner = next((d for d in (dl / STUDENT_ARTIFACT, dl / "student" / STUDENT_ARTIFACT) if d.is_dir()), dl)
+    return student_dir(inner)
 
 
 def _registry_info(mv: ModelVersion) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -131,8 +130,9 @@ def log_training_params(params: Mapping[str, Any], prefix: str = "train") -> Non
 
 def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
     """One epoch's metrics at step=epoch; non-finite and non-numeric values are skipped."""
-    clean = {_metric_key(k): float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    from students.report import mlflow_metrics
+
+    clean = mlflow_metrics(metrics)
     if clean:
         mlflow.log_metrics(clean, step=epoch)
 
@@ -279,7 +279,7 @@ def log_by_type(by_type: Mapping[str, Mapping[str, float]], name: str = "plots/a
 
 
 def forgetting_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """``forgetting.<metric>`` (champion - student on the OLD held-out set: > 0 = forgot) and
+    """``forgetting.<metric>`` (on the OLD held-out set, > 0: the new student lost ground) and
     ``forgetting.<old|new>.<student|champion>.<metric>`` from ``flows.distill.forgetting_report``."""
     out = {f"forgetting.{k}": v for k, v in (report.get("forgetting") or {}).items()}
     for split in ("old", "new"):
@@ -288,8 +288,9 @@ def forgetting_metrics(report: Mapping[str, Any]) -> dict[str, float]:
             out |= {f"forgetting.{split}.{who}.{k}": v for k, v in (part.get(who) or {}).items()}
         if "n" in part:
             out[f"forgetting.{split}.n"] = part["n"]
-    return {_metric_key(k): float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    from students.report import mlflow_metrics
+
+    return mlflow_metrics(out)
 
 
 def log_forgetting(report: Mapping[str, Any]) -> None:
@@ -324,13 +325,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def _metric_key(key: str) -> str:
-    """MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/'; replace anything else."""
-    from students.report import metric_key
-
-    return metric_key(key)
 
 
 def _has_psutil() -> bool:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from students.config import StudentConfig
+from students.distributed import to_device as batch_to  # noqa: F401  (every tensor of a nested batch on a device)
 from students.schema import StudentSchema, build_schema, byte_tokenizer, encode_question, load_tokenizer  # noqa: F401
 from teachers.records import TeacherRecord
 
@@ -290,14 +291,3 @@ def _collate_llm(ts: list[dict | None]) -> dict[str, torch.Tensor]:
         out[f"{key}_topk_logprobs"] = _pad(lp, 0.0, torch.float16)
         out[f"{key}_kd_mask"] = _pad(kd, False, torch.bool)
     return out
-
-
-def batch_to(batch: Any, device: torch.device | str) -> Any:
-    """Every tensor of a (nested) batch on ``device``; python values as they are."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: batch_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_to(v, device) for v in batch)
-    return batch

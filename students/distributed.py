@@ -122,8 +122,9 @@ def make_loaders(train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, ct
     return loader(train_ds, True), (loader(val_ds, False) if val_ds is not None and len(val_ds) else None)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a nested dict/list batch (the default ``batch_to``)."""
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Every tensor of a (nested dict/list) batch on ``device``; python values as they are
+    (the trainer's default ``batch_to``; ``students.data.batch_to`` is this function)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -33,11 +33,16 @@ def metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 
 
+def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``metrics`` (no bools, NaN or text) under names MLflow accepts."""
+    return {metric_key(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def flat_metrics(report: Mapping[str, Mapping[str, float]], prefix: str = "fidelity") -> dict[str, float]:
     """``{"fidelity.reasoner.answer_em": .., "fidelity.retriever.recall_at_4": ..}`` for MLflow
     (finite numbers only, names made valid by ``metric_key``)."""
-    return {metric_key(f"{prefix}.{node}.{k}"): float(v) for node, m in report.items() for k, v in m.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return mlflow_metrics({f"{prefix}.{node}.{k}": v for node, m in report.items() for k, v in m.items()})
 
 
 def fidelity_rows(report: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None = None,
