@@ -1,4 +1,4 @@
-"""The trainer: data split without leakage, checkpoints, exact resume (simulated and a real
+"""The trainer: checkpoints, exact resume (simulated and a real
 SIGKILL), DDP on two CPU processes (gloo), and a real student trained from a real trace store.
 
 The loop tests use a tiny stand-in module (forward + loss + save_pretrained, with dropout so the
@@ -21,10 +21,8 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from students.checkpoint import latest_checkpoint
-from students.train import make_split, mix_replay, split_by_image
 from students.train_config import TrainConfig
 from students.trainer import Trainer
-from teachers.records import TeacherRecord
 
 TESTS = Path(__file__).parent
 
@@ -267,46 +265,6 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical_and_averages_gradients(t
     assert lineage["world_size"] == 2 and lineage["traces_version"] == 2 and lineage["num_records"] == 5
     assert lineage["num_replay"] >= 1 and lineage["init_from"] == str(trained[0].out_dir)
     assert lineage["steps"] >= 2  # a second step after a backward: DDP saw every parameter used
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: split by image, replay
-# ---------------------------------------------------------------------------------------------
-
-def rec(image: bytes, question: str) -> TeacherRecord:
-    return TeacherRecord(input_id=f"{image.hex()}-{question}", graph_fingerprint="fp", image_path="x.png",
-                         question=question, image_bytes=image)
-
-
-def test_split_keeps_every_image_on_one_side_and_is_deterministic():
-    records = [rec(bytes([i]), q) for i in range(40) for q in ("how many?", "any red?", "what shape?")]
-    train, val = split_by_image(records, 0.25)
-    train_imgs, val_imgs = {r.image_bytes for r in train}, {r.image_bytes for r in val}
-    assert not train_imgs & val_imgs and len(train) + len(val) == 120
-    assert 3 <= len(val_imgs) <= 18  # ~10 of 40 images
-    assert all(len([r for r in val if r.image_bytes == img]) == 3 for img in val_imgs)
-    assert split_by_image(list(reversed(records)), 0.25)[1] == list(reversed(val))
-    tiny_train, tiny_val = split_by_image(records[:6], 0.01)  # 2 images: still one held out
-    assert len(tiny_val) == 3 and len(tiny_train) == 3
-
-
-def test_replay_and_only_ids_never_put_a_validation_image_in_training():
-    new = [rec(bytes([i]), "q") for i in range(20)]
-    old = [rec(bytes([i]), "old q") for i in range(40)] + [new[0]]  # a duplicate of a new record
-    train, val = split_by_image(new, 0.3)
-    val_imgs = {r.image_bytes for r in val}
-    mixed, n = mix_replay(train, val, old)
-    assert mixed[:len(train)] == train and n == 40 - len(val_imgs)  # all old records but the val images
-    assert not any(r.image_bytes in val_imgs for r in mixed)
-    assert mix_replay(train, val, None) == (train, 0)
-    # a continual run: only the records new since the champion, plus the replayed ones
-    only = {r.input_id for r in new[10:]}
-    split = make_split(new, 0.3, replay=old[:10], only_ids=only)
-    assert {r.input_id for r in split.train[:len(split.train) - split.num_replay]} <= only
-    assert {r.input_id for r in split.val} <= only and not {r.image_bytes for r in split.train} & val_imgs
-    assert split.num_replay == len([r for r in old[:10] if r.image_bytes not in val_imgs])
-    with pytest.raises(ValueError, match="no training records"):
-        make_split(new, 0.3, only_ids=set())
 
 
 # ---------------------------------------------------------------------------------------------
