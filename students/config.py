@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StudentConfig(BaseModel):
@@ -22,7 +22,7 @@ class StudentConfig(BaseModel):
                             "(images are resized to it, aspect ratio not kept; a multiple of 16).")
     vision_widths: tuple[int, int, int, int] = Field(
         (16, 32, 64, 128), description="Channels of the conv stages at strides 2, 4, 8 and 16.")
-    image_grid: int = Field(8, ge=1, description="Image tokens per side: the stride-16 features are "
+    image_grid: int = Field(4, ge=1, description="Image tokens per side: the stride-16 features are "
                             "average-pooled to image_grid x image_grid tokens for the text decoder.")
     channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
                                 "format (faster on CPU and on tensor cores).")
@@ -45,11 +45,14 @@ class StudentConfig(BaseModel):
     # -- heads ---------------------------------------------------------------------------------------
     det_width: int = Field(64, ge=8, description="Channels of the detection head's conv tower.")
     num_prototypes: int = Field(16, ge=1, description="Prototype masks (segmentation nodes).")
-    detection_summary: bool = Field(True, description="Put each detection head's summary (\"blue "
-                                    "square x1, red circle x2\", rendered as the teacher graph renders "
-                                    "it: the teacher's detections in training, the head's own at "
-                                    "inference) in the text decoder's prefix, as the teacher LLM reads it.")
-    max_summary_tokens: int = Field(48, ge=1, description="Detection summaries are cut to this many tokens.")
+    detection_summary: Literal["slots", "text", "none"] = Field(
+        "slots", description="What each detection head puts in the text decoder's prefix: 'slots', "
+        "one token per class (the class name's embedding + its count's + count x a learned vector, "
+        "so sums and comparisons of counts are linear); 'text', the summary the teacher LLM read "
+        "(\"blue square x1, red circle x2\"); 'none'. The counts are the teacher's in training, "
+        "the head's own at inference.")
+    max_summary_tokens: int = Field(48, ge=1, description="'text' summaries are cut to this many tokens.")
+    max_count: int = Field(20, ge=1, description="'slots': counts above this share its number token.")
     det_center_radius: float = Field(1.5, gt=0, description="Box regression positives (FCOS center "
                                      "sampling): locations inside a box within this many strides of "
                                      "its center.")
@@ -86,6 +89,11 @@ class StudentConfig(BaseModel):
                                   "teacher node's iou.")
     max_det: int | None = Field(None, ge=1, description="Most detections per image; None: the "
                                 "teacher node's max_det.")
+
+    @field_validator("detection_summary", mode="before")
+    @classmethod
+    def _summary_from_bool(cls, v):  # students saved before 'slots' existed: true / false
+        return {True: "text", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "StudentConfig":

@@ -32,7 +32,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
     """Decode like ``Request.image``: EXIF orientation applied, RGB."""
     try:
         img = Image.open(io.BytesIO(data))
-        return ImageOps.exif_transpose(img).convert("RGB")
+        ImageOps.exif_transpose(img, in_place=True)  # (not in place: a copy of every image)
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:  # PIL raises many kinds
         raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
 

@@ -69,21 +69,43 @@ class Head(nn.Module):
         super().__init__()
         self.name, self.node, self.cfg = name, node, cfg
 
-    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+    def segments(self, batch: dict, embed: nn.Embedding, echo: bool = False) -> list[Segment]:
+        """``echo``: a text-only echo step (see ``MultimodalStudent.forward``), which may skip
+        auxiliary tasks."""
         return []
 
-    def prefix_text(self, out: dict[str, Tensor], target: dict | None, tokenizer) -> tuple[Tensor, Tensor] | None:
-        """Token ids (B, L) and validity (B, L) this head puts before the question, or None."""
+    def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
+                      embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
+        """Embeddings (B, L, d) and validity (B, L) this head puts before the question, or None."""
         return None
 
     def forward(self, feats: Features) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def empty_outputs(self, B: int, device: torch.device) -> dict[str, Tensor]:
+        """A conv head's outputs for a text-only (echo) step, which runs no vision: nothing seen."""
+        raise NotImplementedError(f"{type(self).__name__} has no empty outputs for text-only steps")
 
     def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def padded(rows: list[list[int]], device) -> Tensor:
+    """Ragged token-id lists -> (N, L) long, padded with -1."""
+    L = max([len(r) for r in rows] + [1])
+    out = torch.full((len(rows), L), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def mean_embed(embed: nn.Embedding, ids: Tensor) -> Tensor:
+    """(N, L) ids padded with -1 -> (N, d): the mean of each row's token embeddings."""
+    valid = (ids >= 0).to(embed.weight.dtype)[..., None]  # (N, L, 1)
+    return (embed(ids.clamp(min=0)) * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
 def conv_bn_act(c1: int, c2: int, k: int = 3, s: int = 1) -> nn.Sequential:
@@ -113,6 +135,8 @@ class DetectionHead(Head):
         if self.segment:
             self.coef = nn.Conv2d(w, cfg.num_prototypes, 1)
             self.proto = nn.Sequential(conv_bn_act(c4, c4), nn.Conv2d(c4, cfg.num_prototypes, 1))
+        if cfg.detection_summary == "slots":
+            self.count_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
         n = cfg.image_size // 8
         centers = (torch.arange(n, dtype=torch.float32) + 0.5) / n
         gy, gx = torch.meshgrid(centers, centers, indexing="ij")
@@ -129,6 +153,9 @@ class DetectionHead(Head):
             out["coef"] = flat(self.coef(x))  # (B, P, M)
             out["protos"] = self.proto(feats.maps["p4"])  # (B, M, S/4, S/4)
         return out
+
+    def empty_outputs(self, B: int, device: torch.device) -> dict[str, Tensor]:
+        return {"cls": torch.full((B, len(self.points), self.num_classes), -30.0, device=device)}
 
     # -- what the text decoder reads: detections per class ------------------------------------
     def thresholds(self) -> tuple[float, float, int]:
@@ -162,25 +189,57 @@ class DetectionHead(Head):
             teacher = torch.zeros_like(own).scatter_add_(1, labels, valid)  # (B, C)
             return torch.where(target["mask"][:, None], teacher, own)
 
-    def prefix_text(self, out: dict[str, Tensor], target: dict | None, tokenizer) -> tuple[Tensor, Tensor] | None:
+    def prefix_len(self) -> int:
+        """Most prefix tokens this head adds (sizes the decoder's position table)."""
+        mode = self.cfg.detection_summary
+        return self.num_classes if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
+
+    def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
+                      embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
+        """What the text decoder reads of the detections (``detection_summary``): per-class slots,
+        or the summary text, from the teacher's counts in training and the head's own at inference."""
+        mode = self.cfg.detection_summary
+        if mode == "none":
+            return None
+        counts = self.counts(out, target).round()  # (B, C)
+        if mode == "slots":
+            return self.slots(counts, tokenizer, embed), torch.ones(counts.shape, dtype=torch.bool, device=counts.device)
+        ids, valid = self.summary_ids(counts, tokenizer)
+        return embed(ids.to(counts.device)), valid.to(counts.device)
+
+    def slots(self, counts: Tensor, tokenizer, embed: nn.Embedding) -> Tensor:
+        """(B, C) counts -> (B, C, d): class c's slot = its name's embedding + the embedding of the
+        number n + n * ``count_vec``. Fixed positions and every class present (zeros too), so a
+        question's classes are found by what they are, and sums of counts are linear."""
+        names, numbers = self.token_tables(tokenizer, counts.device)  # (C, Ln), (max_count + 1, Lk) ids, -1 pad
+        n = counts.long().clamp(0, self.cfg.max_count)  # (B, C)
+        return (mean_embed(embed, names)[None] + mean_embed(embed, numbers)[n]
+                + counts.clamp(max=self.cfg.max_count)[..., None] * self.count_vec)
+
+    def token_tables(self, tokenizer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Token ids of every class name and of the numbers 0..max_count (padded with -1),
+        built once per tokenizer: a name or a number may be several tokens."""
+        if getattr(self, "_tables", None) is None or self._tables[0].device != device:
+            names = self.node.get("class_names") or [str(c) for c in range(self.num_classes)]
+            names = list(names) + [str(c) for c in range(len(names), self.num_classes)]
+            ids = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]  # noqa: E731
+            self._tables = tuple(padded(ids(texts), device) for texts in
+                                 (names[: self.num_classes], [str(k) for k in range(self.cfg.max_count + 1)]))
+        return self._tables
+
+    def summary_ids(self, counts: Tensor, tokenizer) -> tuple[Tensor, Tensor]:
         """The detection summary ("blue square x1, red circle x2", ``describe_detections``) as
-        token ids (B, L): what the teacher LLM read in its prompt, in the words of its rationale."""
+        token ids (B, L) and validity: what the teacher LLM read in its prompt."""
         from teachers.yolo import describe_detections
 
-        if not self.cfg.detection_summary:
-            return None
         names = self.node.get("class_names", [])
         rows = []
-        for counts in self.counts(out, target).round().long().tolist():  # (C,) per input
-            labels = [names[c] if c < len(names) else str(c) for c, n in enumerate(counts) for _ in range(n)]
-            text = describe_detections(labels)
-            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"][: self.cfg.max_summary_tokens])
-        L = max(len(r) for r in rows + [[0]])
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        valid = torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]
-        return ids.to(out["cls"].device), valid.to(out["cls"].device)
+        for row in counts.long().tolist():  # (C,) per input
+            labels = [names[c] if c < len(names) else str(c) for c, n in enumerate(row) for _ in range(n)]
+            rows.append(tokenizer(describe_detections(labels), add_special_tokens=False)["input_ids"]
+                        [: self.cfg.max_summary_tokens])
+        ids = padded(rows, "cpu").clamp(min=0)
+        return ids, padded(rows, "cpu") >= 0
 
     def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         mask, valid = target["mask"], target["valid"] & target["mask"][:, None]  # (B,), (B, N)
@@ -217,14 +276,16 @@ class DetectionHead(Head):
         return res
 
     @staticmethod
-    def instance_masks(out: dict[str, Tensor], i: int, keep: Tensor, boxes: Tensor, size: tuple[int, int]):
-        """(n,) kept locations -> n binary masks (H, W) uint8 at the original size, cut to their box."""
+    def instance_masks(out: dict[str, Tensor], i: int, keep: Tensor, boxes: Tensor, size: tuple[int, int],
+                       max_pixels: int = 1 << 24):
+        """(n,) kept locations -> binary masks (H, W) uint8 at the original size, cut to their box;
+        computed a chunk of boxes at a time (at most ``max_pixels`` floats: images can be large)."""
         logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())  # (n, h', w')
         h, w = size
-        for m, box in zip(logits, boxes):  # one at a time: a full-size float mask per box can be large
-            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            region = losses.box_region(box[None], h, w)[0]
-            yield ((full > 0) & region).to(torch.uint8).numpy()
+        step = max(1, max_pixels // (h * w))
+        for a in range(0, len(logits), step):
+            full = F.interpolate(logits[None, a:a + step], size=(h, w), mode="bilinear", align_corners=False)[0]
+            yield from ((full > 0) & losses.box_region(boxes[a:a + step], h, w)).to(torch.uint8).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +303,7 @@ class RetrievalHead(Head):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.out = nn.Linear(cfg.d_model, len(node["doc_ids"]))
 
-    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+    def segments(self, batch: dict, embed: nn.Embedding, echo: bool = False) -> list[Segment]:
         B = batch["images"].shape[0]
         valid = torch.ones(B, 1, dtype=torch.bool, device=self.query.device)
         return [Segment(f"{self.name}/query", self.query.expand(B, 1, -1), valid)]
@@ -283,14 +344,16 @@ class AnswerHead(Head):
     def task_token(self, which: int, B: int) -> Tensor:
         return self.task[which].expand(B, 1, -1)  # (B, 1, d)
 
-    def segments(self, batch: dict, embed: nn.Embedding) -> list[Segment]:
+    def segments(self, batch: dict, embed: nn.Embedding, echo: bool = False) -> list[Segment]:
+        """Training: [answer] and [rationale] with teacher forcing (echo steps: [answer] alone, the
+        long rationale is trained in the full steps); inference: the [answer] task token."""
         B, device = batch["images"].shape[0], batch["images"].device
         target = batch.get("targets", {}).get(self.name)
         if target is None:  # inference: the [answer] task token; the model decodes from it
             ones = torch.ones(B, 1, dtype=torch.bool, device=device)
             return [Segment(f"{self.name}/answer", self.task_token(0, B), ones)]
         segs = []
-        for which, key in ((0, "answer"), (1, "rationale")):
+        for which, key in ((0, "answer"), (1, "rationale"))[: 1 if echo else 2]:
             ids, valid = target[f"{key}_ids"], target[f"{key}_mask"]  # (B, L)
             emb = torch.cat([self.task_token(which, B), embed(ids[:, :-1])], 1)  # (B, L, d): teacher forcing
             ok = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), valid[:, :-1]], 1)
@@ -306,6 +369,8 @@ class AnswerHead(Head):
         kd = dict(temperature=cfg.kd_temperature, alpha=cfg.kd_alpha, kind=cfg.kd_kind, beta=cfg.kd_beta)
         total = 0.0
         for key, weight in (("answer", 1.0), ("rationale", cfg.rationale_weight)):
+            if f"{key}_logits" not in out:  # (an echo step has no rationale)
+                continue
             label_mask = target[f"{key}_mask"] & target["mask"][:, None]  # (B, L)
             loss = losses.distill_loss(out[f"{key}_logits"], target[f"{key}_ids"], label_mask,
                                        target[f"{key}_topk_ids"], target[f"{key}_topk_logprobs"],

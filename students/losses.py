@@ -242,7 +242,10 @@ def mask_loss(coef: Tensor, protos: Tensor, matched: Tensor, pos: Tensor, gt_mas
     if b.numel() == 0:
         return touch
     n = matched[b, p]
-    logits = torch.einsum("nm,nmhw->nhw", coef[b, p].float(), protos[b].float())  # (n, H, W)
+    B, M, H, W = protos.shape
+    # one batched matmul over every location, then the positives' rows: much cheaper than
+    # gathering a copy of the prototypes for each positive (n is ~1000 at batch 32)
+    logits = torch.bmm(coef.float(), protos.float().flatten(2))[b, p].view(-1, H, W)  # (n, H, W)
     target = gt_masks[b, n].float()  # (n, H, W)
     region = box_region(gt_boxes[b, n].float(), *logits.shape[1:]).float()  # (n, H, W)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -294,6 +297,8 @@ class LossBalancer(nn.Module):
     def forward(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for i, name in enumerate(self.names):
+            if name not in losses:  # (a text-only echo step has no detection loss)
+                continue
             value = losses[name]
             if self.training and float(value.detach()) > 0:
                 m = self.momentum * (self.seen[i] > 0)  # the first value initialises the mean

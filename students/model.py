@@ -2,16 +2,19 @@
 
     image (B, 3, S, S) -> VisionEncoder -> p4, p8, p16 (strides 4, 8, 16)
                             p8, p4 -> DetectionHead -> boxes, classes, masks
-                                        '-> its summary "blue square x1, red circle x2" (text)
+                                        '-> its counts per class, as one slot token per class
                             p16 pooled to g x g image tokens
-    TextDecoder over [image tokens | summary | question | segments]
+    TextDecoder over [image tokens | class slots | question | segments]
         segments: a retrieval query token (RetrievalHead), [answer] + answer and [rationale] +
         rationale (AnswerHead: distilling step by step)
 
-The prefix (image tokens, summary, question) attends to itself both ways; every segment attends to
+The prefix (image tokens, slots, question) attends to itself both ways; every segment attends to
 the prefix and causally to itself, never to another segment, so one pass trains every task and
-at inference [answer] sees what it saw in training. The summary is the one the teacher LLM read:
-rendered from the teacher's detections in training, from the head's own at inference. Saved as ``model.safetensors`` +
+at inference [answer] sees what it saw in training. The counts in the slots are the teacher's
+detections in training and the head's own at inference (``StudentConfig.detection_summary``;
+'text' puts the summary the teacher LLM read there instead). Because the decoder is cheap and the
+vision encoder is not, training can echo each batch through the text side alone
+(``TrainConfig.text_echo``, ``forward(batch, echo=True)``). Saved as ``model.safetensors`` +
 ``config.json`` (config + schema) + the tokenizer files; loading never unpickles.
 """
 
@@ -119,12 +122,12 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, cfg: StudentConfig, vocab_size: int, image_channels: int, summaries: int = 0):
+    def __init__(self, cfg: StudentConfig, vocab_size: int, image_channels: int, summary_tokens: int = 0):
         super().__init__()
         d, g = cfg.d_model, cfg.image_grid
         self.grid = g
         self.tok_embed = nn.Embedding(vocab_size, d)
-        longest = (summaries * cfg.max_summary_tokens + cfg.max_question_tokens
+        longest = (summary_tokens + cfg.max_question_tokens
                    + max(cfg.max_answer_tokens, cfg.max_rationale_tokens) + 2)
         self.text_pos = nn.Embedding(longest, d)  # summaries, question, then a segment (task token + target)
         self.img_proj = nn.Linear(image_channels, d)
@@ -141,16 +144,15 @@ class TextDecoder(nn.Module):
 
     def prefix(self, p16: Tensor, texts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """[image tokens | text] embeddings (B, Li + Lt, d) and validity, where the text is the
-        concatenation of ``texts`` (token ids (B, L), validity (B, L)): detection summaries, then
-        the question. Also returns the number of text tokens (B,), where every segment's
-        positions start."""
+        concatenation of ``texts`` (embeddings (B, L, d), validity (B, L)): what the detection
+        heads put there, then the question. Also returns the number of text tokens (B,), where
+        every segment's positions start."""
         img = F.adaptive_avg_pool2d(p16, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C16)
         img = self.img_proj(img) + self.img_pos  # (B, g*g, d)
-        ids, mask = torch.cat([t[0] for t in texts], 1), torch.cat([t[1] for t in texts], 1)  # (B, Lt)
+        emb, mask = torch.cat([t[0] for t in texts], 1), torch.cat([t[1] for t in texts], 1)  # (B, Lt, d), (B, Lt)
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lt): padding does not shift positions
-        text = self.tok_embed(ids) + self.text_pos(pos)  # (B, Lt, d)
         ones = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
-        return torch.cat([img, text], 1), torch.cat([ones, mask], 1), mask.sum(1)
+        return torch.cat([img, emb + self.text_pos(pos)], 1), torch.cat([ones, mask], 1), mask.sum(1)
 
     def run(self, x: Tensor, seg: Tensor, valid: Tensor, past: dict | None = None) -> tuple[Tensor, dict]:
         """Blocks over x (B, L, d) with segment ids seg (B, L) and validity (B, L). With ``past``
@@ -178,15 +180,17 @@ class TextDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class MultimodalStudent(nn.Module):
+    echoes = True  # the trainer may run text-only steps: forward(batch, echo=True)
+
     def __init__(self, cfg: StudentConfig, schema: StudentSchema):
         super().__init__()
         self.cfg, self.schema, self.tokenizer, self.fused = cfg, schema, None, False
         need_p4 = any(n["type"] == "yolo" and n.get("task") == "segment" for n in schema.nodes.values())
         self.vision = VisionEncoder(cfg.vision_widths, need_p4)
-        summaries = sum(n["type"] == "yolo" for n in schema.nodes.values()) if cfg.detection_summary else 0
-        self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summaries)
         self.heads = nn.ModuleDict({name: head_class(node["type"])(name, node, cfg)
                                     for name, node in schema.nodes.items()})
+        summary_tokens = sum(head.prefix_len() for head in self.heads.values() if not head.reads_text)
+        self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summary_tokens)
         self.balancer = LossBalancer(list(schema.nodes), cfg.balance_momentum)
         if cfg.channels_last:
             self.vision.to(memory_format=torch.channels_last)
@@ -201,23 +205,33 @@ class MultimodalStudent(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def encode(self, batch: dict) -> tuple[dict, Features, dict]:
         """Vision, the heads that read only the conv features (detection), then one decoder pass
-        over [image tokens | their summaries | question | every text head's segments].
+        over [image tokens | what those heads put there | question | every text head's segments].
         Returns those heads' outputs, the features and the decoding state."""
+        outputs, feats = self.encode_vision(batch)
+        return outputs, feats, self.encode_text(batch, outputs, feats)
+
+    def encode_vision(self, batch: dict) -> tuple[dict, Features]:
+        """The conv pyramid and the outputs of the heads that read it alone."""
         images = batch["images"]
         x = images.float() / 255 if images.dtype == torch.uint8 else images
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feats = Features(self.vision(x), lm_head=self.decoder.lm_head)
-        outputs, texts = {}, []
+        return {name: head(feats) for name, head in self.heads.items() if not head.reads_text}, feats
+
+    def encode_text(self, batch: dict, outputs: dict, feats: Features, echo: bool = False) -> dict:
+        """One decoder pass; fills ``feats.text`` (segment name -> hidden states) and returns the
+        decoding state (key/value cache, where each segment starts)."""
         targets = batch.get("targets", {})
+        texts = []
         for name, head in self.heads.items():
             if not head.reads_text:
-                outputs[name] = head(feats)
-                text = head.prefix_text(outputs[name], targets.get(name), self.text_tokenizer())
+                text = head.prefix_embeds(outputs[name], targets.get(name), self.text_tokenizer(),
+                                          self.decoder.tok_embed)
                 texts += [text] if text is not None else []
-        texts.append((batch["question_ids"], batch["question_mask"]))
+        texts.append((self.decoder.tok_embed(batch["question_ids"]), batch["question_mask"]))
         prefix, valid, n_q = self.decoder.prefix(feats.maps["p16"], texts)
-        segs = [s for head in self.heads.values() for s in head.segments(batch, self.decoder.tok_embed)]
+        segs = [s for head in self.heads.values() for s in head.segments(batch, self.decoder.tok_embed, echo)]
         parts, seg_ids, valids, starts = [prefix], [torch.zeros_like(valid, dtype=torch.long)], [valid], []
         start = prefix.shape[1]
         for i, s in enumerate(segs, start=1):
@@ -230,18 +244,29 @@ class MultimodalStudent(nn.Module):
             start += L
         hidden, cache = self.decoder.run(torch.cat(parts, 1), torch.cat(seg_ids, 1), torch.cat(valids, 1))
         feats.text = {s.name: hidden[:, a:a + s.embeds.shape[1]] for s, a in zip(segs, starts)}
-        state = {"cache": cache, "n_q": n_q, "segments": segs, "starts": starts, "hidden": hidden}
-        return outputs, feats, state
+        return {"cache": cache, "n_q": n_q, "segments": segs, "starts": starts, "hidden": hidden}
 
-    def forward(self, batch: dict) -> dict[str, dict[str, Tensor]]:
-        """Every head's raw outputs from one pass: {node: {output: tensor}}."""
+    def forward(self, batch: dict, echo: bool = False) -> dict[str, dict[str, Tensor]]:
+        """Every head's raw outputs from one pass: {node: {output: tensor}}. ``echo``: a text-only
+        step (``TrainConfig.text_echo``): no vision encoder, null image tokens (zero features),
+        the conv heads' outputs empty (their prefix comes from the teacher's detections in the
+        targets), no auxiliary rationale; only the heads that read text return outputs."""
+        if echo:
+            B, device = batch["question_ids"].shape[0], batch["question_ids"].device
+            c16, g = self.cfg.vision_widths[3], self.cfg.image_grid
+            feats = Features({"p16": torch.zeros(B, c16, g, g, device=device)}, lm_head=self.decoder.lm_head)
+            outputs = {name: head.empty_outputs(B, device) for name, head in self.heads.items() if not head.reads_text}
+            self.encode_text(batch, outputs, feats, echo=True)
+            return {name: head(feats) for name, head in self.heads.items() if head.reads_text}
         outputs, feats, _ = self.encode(batch)
         return outputs | {name: head(feats) for name, head in self.heads.items() if head.reads_text}
 
     def loss(self, batch: dict, outputs: dict | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total = sum over nodes of weight * (balanced) node loss; per-node losses detached."""
+        """Total = sum over nodes of weight * (balanced) node loss; per-node losses detached.
+        Nodes absent from ``outputs`` (an echo step's) add nothing."""
         outputs = outputs if outputs is not None else self(batch)
-        per_node = {name: head.loss(outputs[name], batch["targets"][name]) for name, head in self.heads.items()}
+        per_node = {name: head.loss(outputs[name], batch["targets"][name]) for name, head in self.heads.items()
+                    if name in outputs}
         scaled = self.balancer(per_node) if self.cfg.auto_balance else per_node
         total = sum(self.cfg.weight(name) * v for name, v in scaled.items())
         return total, {name: v.detach() for name, v in per_node.items()}

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from students.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from students.distributed import (Dist, make_loaders, resolve_device, seed_everything,  # noqa: F401  (re-exported)
@@ -95,8 +95,11 @@ class Trainer:
         self.ddp = self.model
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # echo steps leave the vision encoder without gradients: DDP must allow unused parameters
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids,
+                                               find_unused_parameters=cfg.text_echo > 0)
         self.train_loader, self.val_loader = make_loaders(train_ds, val_ds, cfg, self.ctx, collate_fn)
+        self.collate_fn = collate_fn or default_collate
         self.steps_per_epoch = math.ceil(self.train_loader.sampler.num_samples / cfg.batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError("no training records: the training split is empty")
@@ -150,12 +153,32 @@ class Trainer:
                        "loss": losses, "lr": self.scheduler.get_last_lr()[0]})
 
     def train_step(self, batch: Any) -> dict[str, float]:
-        """Forward (through DDP), loss, backward, clip, step. Returns the losses as floats."""
+        """Forward (through DDP), loss, backward, clip, step; then ``text_echo`` text-only steps on
+        the same batch. Returns the full step's losses as floats."""
         batch = self.batch_to(batch, self.ctx.device)
+        total, per_node = self.optimize(batch)
+        for j in range(self.cfg.text_echo if getattr(self.model, "echoes", False) else 0):
+            self.optimize(self.batch_to(self.echo_batch(j), self.ctx.device), echo=True)
+        self.scheduler.step()
+        return {"total": float(total.detach())} | {k: float(v) for k, v in per_node.items()}
+
+    def echo_batch(self, j: int) -> Any:
+        """The j-th text-only batch of this step: records drawn at random from this process's
+        share of the training split, by a generator seeded with (seed, step, j, rank), so that a
+        resumed run draws exactly what the uninterrupted one did."""
+        dataset = self.train_loader.dataset
+        share = range(self.ctx.rank, len(dataset), self.ctx.world_size)
+        g = torch.Generator().manual_seed(hash((self.cfg.seed, self.state.step, j, self.ctx.rank)) % 2**63)
+        picks = torch.randint(len(share), (self.cfg.batch_size,), generator=g).tolist()
+        return self.collate_fn([dataset[share[i]] for i in picks])
+
+    def optimize(self, batch: Any, echo: bool = False) -> tuple[torch.Tensor, dict]:
+        """One optimizer step (a full pass, or a text-only one with ``echo``); the schedule is not
+        advanced. Returns the loss and the per-node losses."""
         autocast = (torch.autocast(self.ctx.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else nullcontext())
         with autocast:
-            outputs = self.ddp(batch)
+            outputs = self.ddp(batch, echo=True) if echo else self.ddp(batch)
             total, per_node = self.model.loss(batch, outputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -164,8 +187,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        return {"total": float(total.detach())} | {k: float(v) for k, v in per_node.items()}
+        return total, per_node
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Validation loss (all ranks), agreement (rank 0), one history row, a printed summary.

@@ -137,10 +137,16 @@ def test_detection_summary_is_the_teachers_in_training_and_the_heads_own_at_infe
     assert head.counts(out, batch["targets"]["detector"]).tolist() == teacher
     assert head.counts(out, None).tolist() == teacher  # after overfitting, its own detections agree
     assert head.counts(out | {"cls": torch.full_like(out["cls"], -9.0)}, None).sum() == 0
-    ids, valid = head.prefix_text(out, batch["targets"]["detector"], tok)  # (B, L)
+    ids, valid = head.summary_ids(head.counts(out, batch["targets"]["detector"]), tok)  # 'text': (B, L)
     summaries = [tok.decode(i[v]) for i, v in zip(ids, valid)]
     assert summaries == [r.outputs["detector"]["summary"] for r in setup["records"]]  # the teacher's words
     assert summaries[2] == "red box x2"
+    # 'slots' (the default): one token per class at a fixed place, which only its count changes
+    emb, valid = head.prefix_embeds(out, batch["targets"]["detector"], tok, model.decoder.tok_embed)
+    assert emb.shape == (len(teacher), 2, model.cfg.d_model) and valid.all()
+    torch.testing.assert_close(emb[0, 0], emb[1, 0])  # one red box in both scenes
+    assert not torch.allclose(emb[0, 0], emb[2, 0])  # one red box vs two
+    torch.testing.assert_close(emb[0, 1], emb[2, 1])  # no blue box in either
 
 
 def _coco(rle: dict) -> dict:
