@@ -60,8 +60,8 @@ PRESETS = {
     "tiny": {"training": {"epochs": 1, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 50,
                           "val_fraction": 0.25},
              "registry": {"gate": {}}},
-    "full": {"training": {"epochs": 12, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50,
-                          "checkpoint_every": 200, "val_fraction": 0.1},
+    "full": {"training": {"epochs": 11, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "text_echo": 6,
+                          "checkpoint_every": 200, "val_fraction": 0.1, "agreement_every": 4},
              "registry": {"gate": {"answer_agreement": 0.9}}},
 }
 
@@ -91,10 +91,9 @@ def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Pat
     return path
 
 
-def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = False,
-             train_teachers: bool = False) -> DemoReport:
-    """Run every stage; returns the report (also written to ``workdir/report.json``)."""
-    workdir = Path(workdir or default_workdir()).resolve()
+def prepare_workdir(workdir: Path, fresh: bool = False) -> Path:
+    """Create the demo workdir (marked as one); ``fresh``: delete it first, only if it is a demo's."""
+    workdir = Path(workdir).resolve()
     marker = workdir / ".distillery-demo"
     if fresh and workdir.exists():
         if not marker.exists():
@@ -102,6 +101,13 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     marker.touch()
+    return workdir
+
+
+def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = False,
+             train_teachers: bool = False) -> DemoReport:
+    """Run every stage; returns the report (also written to ``workdir/report.json``)."""
+    workdir = prepare_workdir(Path(workdir or default_workdir()), fresh)
     runtime.configure()
     t_start = time.perf_counter()
     rep = DemoReport(workdir=str(workdir), preset=preset)

@@ -99,19 +99,23 @@ def demo(
     """Run the whole platform on a synthetic world: world, teachers, record, train, register, predict."""
     import os
 
-    from demo.pipeline import default_workdir
+    from demo.pipeline import default_workdir, prepare_workdir
 
-    wd = (workdir or default_workdir()).resolve()
     if preset not in ("full", "tiny"):
         console.print(f"[red]--preset {preset!r}: choose full or tiny[/red]")
         raise typer.Exit(2)
+    try:  # (before Prefect starts: --fresh deletes the workdir, Prefect's home with it)
+        wd = prepare_workdir(workdir or default_workdir(), fresh)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     # Prefect and MLflow keep their state in the workdir so the UIs show this demo's runs.
     os.environ.setdefault("PREFECT_HOME", str(wd / "prefect"))
     runtime.configure()
     from demo.pipeline import run_demo
 
     with runtime.local_prefect():
-        run_demo(wd, preset=preset, fresh=fresh, train_teachers=train_teachers)
+        run_demo(wd, preset=preset, train_teachers=train_teachers)
 
 
 @app.command()

@@ -238,8 +238,8 @@ class DetectionHead(Head):
             labels = [names[c] if c < len(names) else str(c) for c, n in enumerate(row) for _ in range(n)]
             rows.append(tokenizer(describe_detections(labels), add_special_tokens=False)["input_ids"]
                         [: self.cfg.max_summary_tokens])
-        ids = padded(rows, "cpu").clamp(min=0)
-        return ids, padded(rows, "cpu") >= 0
+        ids = padded(rows, "cpu")
+        return ids.clamp(min=0), ids >= 0
 
     def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
         mask, valid = target["mask"], target["valid"] & target["mask"][:, None]  # (B,), (B, N)

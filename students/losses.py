@@ -243,9 +243,12 @@ def mask_loss(coef: Tensor, protos: Tensor, matched: Tensor, pos: Tensor, gt_mas
         return touch
     n = matched[b, p]
     B, M, H, W = protos.shape
-    # one batched matmul over every location, then the positives' rows: much cheaper than
-    # gathering a copy of the prototypes for each positive (n is ~1000 at batch 32)
-    logits = torch.bmm(coef.float(), protos.float().flatten(2))[b, p].view(-1, H, W)  # (n, H, W)
+    # per image, its positives' coefficients times its prototypes (b is sorted: nonzero's order).
+    # Cheaper than a copy of the prototype stack per positive (n is ~1000 at batch 32), or
+    # than every location's mask followed by a gather (its backward fills a (B, P, H*W) zero tensor)
+    sizes = torch.bincount(b, minlength=B).tolist()
+    flat, rows = protos.float().flatten(2), coef[b, p].float().split(sizes)  # (B, M, HW), [(n_i, M)]
+    logits = torch.cat([r @ flat[i] for i, r in enumerate(rows) if len(r)]).view(-1, H, W)  # (n, H, W)
     target = gt_masks[b, n].float()  # (n, H, W)
     region = box_region(gt_boxes[b, n].float(), *logits.shape[1:]).float()  # (n, H, W)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")

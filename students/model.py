@@ -142,17 +142,20 @@ class TextDecoder(nn.Module):
     def lm_head(self, h: Tensor) -> Tensor:
         return F.linear(h, self.tok_embed.weight)  # tied embeddings: (..., d) -> (..., V)
 
-    def prefix(self, p16: Tensor, texts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    def prefix(self, p16: Tensor | None, texts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """[image tokens | text] embeddings (B, Li + Lt, d) and validity, where the text is the
         concatenation of ``texts`` (embeddings (B, L, d), validity (B, L)): what the detection
-        heads put there, then the question. Also returns the number of text tokens (B,), where
-        every segment's positions start."""
-        img = F.adaptive_avg_pool2d(p16, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C16)
-        img = self.img_proj(img) + self.img_pos  # (B, g*g, d)
+        heads put there, then the question. ``p16`` None: no image tokens (a text-only step).
+        Also returns the number of text tokens (B,), where every segment's positions start."""
         emb, mask = torch.cat([t[0] for t in texts], 1), torch.cat([t[1] for t in texts], 1)  # (B, Lt, d), (B, Lt)
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lt): padding does not shift positions
+        text = emb + self.text_pos(pos)
+        if p16 is None:
+            return text, mask, mask.sum(1)
+        img = F.adaptive_avg_pool2d(p16, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C16)
+        img = self.img_proj(img) + self.img_pos  # (B, g*g, d)
         ones = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
-        return torch.cat([img, emb + self.text_pos(pos)], 1), torch.cat([ones, mask], 1), mask.sum(1)
+        return torch.cat([img, text], 1), torch.cat([ones, mask], 1), mask.sum(1)
 
     def run(self, x: Tensor, seg: Tensor, valid: Tensor, past: dict | None = None) -> tuple[Tensor, dict]:
         """Blocks over x (B, L, d) with segment ids seg (B, L) and validity (B, L). With ``past``
@@ -248,13 +251,12 @@ class MultimodalStudent(nn.Module):
 
     def forward(self, batch: dict, echo: bool = False) -> dict[str, dict[str, Tensor]]:
         """Every head's raw outputs from one pass: {node: {output: tensor}}. ``echo``: a text-only
-        step (``TrainConfig.text_echo``): no vision encoder, null image tokens (zero features),
-        the conv heads' outputs empty (their prefix comes from the teacher's detections in the
+        step (``TrainConfig.text_echo``): no vision encoder and no image tokens, the conv heads'
+        outputs empty (their prefix comes from the teacher's detections in the
         targets), no auxiliary rationale; only the heads that read text return outputs."""
         if echo:
             B, device = batch["question_ids"].shape[0], batch["question_ids"].device
-            c16, g = self.cfg.vision_widths[3], self.cfg.image_grid
-            feats = Features({"p16": torch.zeros(B, c16, g, g, device=device)}, lm_head=self.decoder.lm_head)
+            feats = Features({"p16": None}, lm_head=self.decoder.lm_head)
             outputs = {name: head.empty_outputs(B, device) for name, head in self.heads.items() if not head.reads_text}
             self.encode_text(batch, outputs, feats, echo=True)
             return {name: head(feats) for name, head in self.heads.items() if head.reads_text}

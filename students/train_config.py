@@ -28,7 +28,7 @@ class TrainConfig(BaseModel):
     text_echo: int = Field(0, ge=0, description="Text-only steps after each full step (in the spirit "
                            "of data echoing, Choi et al. 2019: the text decoder is cheap, the vision "
                            "encoder is not): each draws a fresh batch at random from the training "
-                           "split and trains the text heads on it with null image tokens and the "
+                           "split and trains the text heads on it with no image tokens and the "
                            "teacher's detections in the prefix. The learning rate stays the step's. "
                            "For graphs whose answers come from the detections, not the pixels. 0: off.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global grad norm to this "

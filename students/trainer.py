@@ -106,7 +106,7 @@ class Trainer:
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           fused=self.ctx.device.type == "cuda" or None)
+                                           fused=self.ctx.device.type in ("cuda", "cpu") or None)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
                                                          self.total_steps)
         self.amp_dtype = amp_dtype(cfg, self.ctx.device)

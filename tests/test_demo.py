@@ -66,3 +66,15 @@ def test_a_warm_run_reuses_everything_and_still_reports_the_student(demo_runs):
     assert reused == pytest.approx(cold["student"]["fidelity_vs_teacher"]["reasoner"]["answer_em"])
     teachers = demo_runs["workdir"] / "teachers"
     assert len([p for p in teachers.iterdir() if not p.name.endswith(".training")]) == 1  # no second training
+
+
+def test_fresh_deletes_only_a_demo_workdir(tmp_path):
+    from demo.pipeline import prepare_workdir
+
+    (tmp_path / "keep.txt").write_text("not the demo's")
+    with pytest.raises(ValueError, match="not a demo workdir"):
+        prepare_workdir(tmp_path, fresh=True)
+    assert (tmp_path / "keep.txt").exists()
+    wd = prepare_workdir(tmp_path / "demo")
+    (wd / "stale.json").write_text("{}")
+    assert prepare_workdir(wd, fresh=True) == wd and not (wd / "stale.json").exists()
