@@ -142,7 +142,8 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
         spec=spec, inputs=str(world.split_dir("train")), traces=traces["train"],
         eval_inputs=str(world.split_dir("test")), eval_traces=traces["test"], workdir=str(workdir / "runs")))
     reg = result["registered"]
-    model_ref = f"{reg['model_name']}@champion" if reg["promoted"] else f"{reg['model_name']}/{reg['version']}"
+    model_ref = (f"{reg['model_name']}@champion" if reg["promoted"] or _is_champion(reg)
+                 else f"{reg['model_name']}/{reg['version']}")
     rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity") or _logged_fidelity(reg["run_id"]),
                               "registered": reg, "registered_uri": f"models:/{model_ref}",
                               "train": result.get("train"), "reused": result.get("reused", False)}
@@ -174,6 +175,17 @@ def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> 
     rep.paths["pulled_student"] = str(folder)
     rep.commands["predict"] = (f"distillery predict {folder} --image {image} --question \"{first['question']}\"")
     rep.commands["pull"] = f"distillery pull {model_ref} --to ./student"
+
+
+def _is_champion(reg: dict) -> bool:
+    """Whether the registered version holds ``champion`` (a warm run reuses an earlier promotion)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(reg["model_name"], "champion").version) == str(reg["version"])
+    except MlflowException:  # no champion yet
+        return False
 
 
 def _logged_fidelity(run_id: str | None) -> dict[str, dict[str, float]] | None:
