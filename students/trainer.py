@@ -153,8 +153,8 @@ class Trainer:
                        "loss": losses, "lr": self.scheduler.get_last_lr()[0]})
 
     def train_step(self, batch: Any) -> dict[str, float]:
-        """Forward (through DDP), loss, backward, clip, step; then ``text_echo`` text-only steps on
-        the same batch. Returns the full step's losses as floats."""
+        """Forward (through DDP), loss, backward, clip, step; then ``text_echo`` text-only steps,
+        each on a fresh random batch (``echo_batch``). Returns the full step's losses as floats."""
         batch = self.batch_to(batch, self.ctx.device)
         total, per_node = self.optimize(batch)
         for j in range(self.cfg.text_echo if getattr(self.model, "echoes", False) else 0):
