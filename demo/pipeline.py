@@ -162,7 +162,7 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
 
 def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> None:
     """Pull the registered student into a folder and answer one test image from it."""
-    from registry.models import predict_dir, pull
+    from registry.pull import predict_dir, pull
 
     first = json.loads(world.requests_path("test").read_text().splitlines()[0])
     image = world.split_dir("test") / first["image"]
@@ -180,12 +180,12 @@ def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> 
 def _is_champion(reg: dict) -> bool:
     """Whether the registered version holds ``champion`` (a warm run reuses an earlier promotion)."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    try:
-        return str(MlflowClient().get_model_version_by_alias(reg["model_name"], "champion").version) == str(reg["version"])
-    except MlflowException:  # no champion yet
-        return False
+    from registry.config import CHAMPION
+    from registry.models import alias_version
+
+    mv = alias_version(MlflowClient(), reg["model_name"], CHAMPION)
+    return mv is not None and str(mv.version) == str(reg["version"])
 
 
 def _logged_fidelity(run_id: str | None) -> dict[str, dict[str, float]] | None:

@@ -165,13 +165,13 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
     """The student folder ``model_uri`` names, and the registry info of a pulled one (else None).
 
     A folder (trained or pulled) is used as is; ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
-    (or NAME, NAME@ALIAS, NAME/VERSION) are pulled with ``registry.models.pull`` into ``tmp``;
+    (or NAME, NAME@ALIAS, NAME/VERSION) are pulled with ``registry.pull.pull`` into ``tmp``;
     ``runs:/RUN_ID/student`` and ``models:/m-...`` (a logged model) are downloaded into ``tmp``.
     The MLflow store: ``tracking_uri``, else the demo's (``$MLFLOW_TRACKING_URI``, else
     ``workdir/runs/mlflow.db``). Raises FileNotFoundError / LookupError / ValueError (or MLflow's
     error) for bad input."""
     from registry.config import RegistryConfig
-    from registry.models import download_logged, pull, student_dir
+    from registry.pull import download_logged, pull, student_dir
 
     path = Path(model_uri).expanduser()
     if path.is_dir():
@@ -302,7 +302,7 @@ def pull(
 ) -> None:
     """Download a registered student into a folder that answers with no MLflow server."""
     runtime.configure()
-    from registry.models import pull as do_pull
+    from registry.pull import pull as do_pull
 
     console.print(f"pulled into {do_pull(model, to, tracking_uri=tracking_uri)}")
 
@@ -315,7 +315,7 @@ def predict(
 ) -> None:
     """Answer one image + question with a student folder (JSON out)."""
     runtime.configure()
-    from registry.models import predict_dir
+    from registry.pull import predict_dir
 
     print(json.dumps(predict_dir(model_dir, image, question), default=str))
 

@@ -283,7 +283,7 @@ def already_registered(spec: Spec, traces: str, version: int | None) -> dict | N
 
 def _champion(spec: Spec, workdir: Path) -> dict | None:
     """The current champion pulled into the workdir, with the trace version it was trained on."""
-    from registry.models import pull, resolve_version
+    from registry.pull import pull, resolve_version
 
     name = spec.registry.model_name or spec.name
     try:

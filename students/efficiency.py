@@ -176,7 +176,7 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
                     batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5,
                     device: str | torch.device | None = None) -> dict[str, Any]:
     """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one)."""
-    from registry.models import student_dir
+    from registry.pull import student_dir
     from students.predictor import StudentPredictor
 
     pairs = read_inputs(images, questions)

@@ -33,7 +33,7 @@ COMPARISONS = ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
 def load_predictor(model: Any, device: str = "cpu"):
     """A StudentPredictor from a predictor/model object, a student folder (trained or pulled), or
     a registry reference (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...``)."""
-    from registry.models import pull, student_dir
+    from registry.pull import pull, student_dir
     from students.predictor import StudentPredictor
 
     if not isinstance(model, (str, Path)):

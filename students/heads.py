@@ -74,6 +74,10 @@ class Head(nn.Module):
         auxiliary tasks."""
         return []
 
+    def prefix_len(self) -> int:
+        """Most tokens ``prefix_embeds`` adds (sizes the decoder's position table)."""
+        return 0
+
     def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
                       embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
         """Embeddings (B, L, d) and validity (B, L) this head puts before the question, or None."""
@@ -190,7 +194,6 @@ class DetectionHead(Head):
             return torch.where(target["mask"][:, None], teacher, own)
 
     def prefix_len(self) -> int:
-        """Most prefix tokens this head adds (sizes the decoder's position table)."""
         mode = self.cfg.detection_summary
         return self.num_classes if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
 

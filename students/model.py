@@ -13,7 +13,7 @@ the prefix and causally to itself, never to another segment, so one pass trains 
 at inference [answer] sees what it saw in training. The counts in the slots are the teacher's
 detections in training and the head's own at inference (``StudentConfig.detection_summary``;
 'text' puts the summary the teacher LLM read there instead). Because the decoder is cheap and the
-vision encoder is not, training can echo each batch through the text side alone
+vision encoder is not, training can add text-only steps on fresh batches
 (``TrainConfig.text_echo``, ``forward(batch, echo=True)``). Saved as ``model.safetensors`` +
 ``config.json`` (config + schema) + the tokenizer files; loading never unpickles.
 """
@@ -192,7 +192,7 @@ class MultimodalStudent(nn.Module):
         self.vision = VisionEncoder(cfg.vision_widths, need_p4)
         self.heads = nn.ModuleDict({name: head_class(node["type"])(name, node, cfg)
                                     for name, node in schema.nodes.items()})
-        summary_tokens = sum(head.prefix_len() for head in self.heads.values() if not head.reads_text)
+        summary_tokens = sum(head.prefix_len() for head in self.heads.values())
         self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summary_tokens)
         self.balancer = LossBalancer(list(schema.nodes), cfg.balance_momentum)
         if cfg.channels_last:

@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from registry import models, tracking
+from registry import models, pull, tracking
 from registry.config import CHALLENGER, CHAMPION, RegistryConfig, artifact_location
 from registry.pyfunc_model import flatten_prediction, to_requests
 from registry_support import (CHAMPION_NAME, LINEAGE, QUESTION, make_spec, mlflow_uri_restored,
@@ -259,12 +259,12 @@ def test_logged_model_has_signature_input_example_and_its_code(env, champion):
 def test_pull_writes_a_folder_that_answers_without_the_store(env, champion):
     mlflow.set_tracking_uri(env["uri"])
     to = env["tmp"] / "pulled"
-    assert models.pull(f"{CHAMPION_NAME}@champion", to) == to
+    assert pull.pull(f"{CHAMPION_NAME}@champion", to) == to
     info = json.loads((to / "registry.json").read_text())
     assert info["name"] == CHAMPION_NAME and info["version"] == champion.version and CHAMPION in info["aliases"]
     assert info["tags"]["graph_fingerprint"] == LINEAGE["graph_fingerprint"]
     assert (to / "MLmodel").is_file() and (to / "student" / "model.safetensors").is_file()
-    assert models.pull(CHAMPION_NAME, to) == to  # bare name = champion; a re-pull replaces the folder
+    assert pull.pull(CHAMPION_NAME, to) == to  # bare name = champion; a re-pull replaces the folder
     # the whole store goes away, and the folders the student was built and logged from
     store = [env["tmp"] / name for name in ("mlflow.db", "mlartifacts", "student", "student-graph")]
     for path in store:
@@ -275,7 +275,7 @@ def test_pull_writes_a_folder_that_answers_without_the_store(env, champion):
 
         pulled = StudentPredictor.load(to / "student", device="cpu")
         assert pulled.predict([{"image": str(env["image"]), "question": QUESTION}])[0] == env["direct"]
-        assert models.predict_dir(to, env["image"], QUESTION) == env["direct"]
+        assert pull.predict_dir(to, env["image"], QUESTION) == env["direct"]
     finally:
         for path in store:
             path.with_name(path.name + ".moved").rename(path)
@@ -283,17 +283,17 @@ def test_pull_writes_a_folder_that_answers_without_the_store(env, champion):
 
 def test_pull_forms_and_errors(env, champion, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    to = models.pull(f"{CHAMPION_NAME}/{champion.version}", tmp_path / "by-version", tracking_uri=env["uri"])
+    to = pull.pull(f"{CHAMPION_NAME}/{champion.version}", tmp_path / "by-version", tracking_uri=env["uri"])
     assert json.loads((to / "registry.json").read_text())["version"] == champion.version
     other = tmp_path / "busy"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        models.pull(f"{CHAMPION_NAME}@champion", other)
+        pull.pull(f"{CHAMPION_NAME}@champion", other)
     with pytest.raises(LookupError, match="no-such-model"):
-        models.pull("no-such-model@champion", tmp_path / "x")
+        pull.pull("no-such-model@champion", tmp_path / "x")
     with pytest.raises(LookupError, match="no-such-model"):
-        models.pull("no-such-model", tmp_path / "y")
+        pull.pull("no-such-model", tmp_path / "y")
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
-        models.predict_dir(tmp_path, env["image"], QUESTION)
+        pull.predict_dir(tmp_path, env["image"], QUESTION)
     shutil.rmtree(to)

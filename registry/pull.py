@@ -1,0 +1,115 @@
+"""Pulling students out of the registry, and answering from a pulled folder.
+
+    pull("shapes-demo@champion", Path("students/shapes"))       # self-contained folder
+    predict_dir(Path("students/shapes"), "img.png", "How many hazards?")
+
+A pulled folder answers with no MLflow server: ``student/`` (the saved student), ``MLmodel`` and
+``registry.json`` (name, version, aliases, tags, run id).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from registry.config import CHAMPION
+from registry.models import alias_version, check_student_dir, use_store
+
+
+def model_uri_of(model_ref: str) -> str:
+    """``NAME``, ``NAME@ALIAS``, ``NAME/VERSION`` or a ``models:/`` URI -> a ``models:/`` URI.
+
+    A bare NAME means its champion, or its newest version when no champion is set."""
+    if model_ref.startswith("models:/"):
+        return model_ref
+    if "@" in model_ref or "/" in model_ref:
+        return f"models:/{model_ref}"
+    client = mlflow.MlflowClient()
+    if alias_version(client, model_ref, CHAMPION) is not None:
+        return f"models:/{model_ref}@{CHAMPION}"
+    versions = client.search_model_versions(f"name = '{model_ref}'")
+    if not versions:
+        raise LookupError(f"model {model_ref!r}: no registered versions")
+    return f"models:/{model_ref}/{max(int(v.version) for v in versions)}"
+
+
+def resolve_version(model_uri: str) -> ModelVersion:
+    """The registered version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names."""
+    ref = model_uri.removeprefix("models:/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.partition("/")
+        if not version.isdigit():
+            raise ValueError(f"{model_uri}: use NAME, NAME@ALIAS or NAME/VERSION")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise LookupError(f"{model_uri}: not in the registry at {mlflow.get_tracking_uri()} ({e.message})") from None
+
+
+def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download a registered student into ``to``: a folder that answers with no MLflow server.
+
+    Layout: ``to/student/`` (model.safetensors, config.json, tokenizer and report files),
+    ``to/MLmodel`` (signature, requirements) and ``to/registry.json`` (name, version, aliases,
+    tags, run id). Replaces an earlier pull in ``to``; refuses any other non-empty folder.
+    tracking_uri: the registry to pull from (see ``use_store``)."""
+    to = Path(to)
+    use_store(tracking_uri)
+    if to.exists() and any(to.iterdir()) and not (to / "registry.json").exists():
+        raise FileExistsError(f"{to}: not empty and not an earlier pull; choose an empty folder")
+    mv = resolve_version(model_uri_of(model_ref))
+    to.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=to.parent, prefix=f".{to.name}-") as tmp:
+        src = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=f"{tmp}/dl"))
+        staged = Path(tmp) / "pulled"
+        shutil.copytree(src / STUDENT_ARTIFACT, staged / "student")
+        shutil.copy2(src / "MLmodel", staged / "MLmodel")
+        (staged / "registry.json").write_text(json.dumps(_registry_info(mv), indent=2))
+        if to.exists():
+            shutil.rmtree(to)
+        staged.rename(to)
+    return to
+
+
+STUDENT_ARTIFACT = Path("artifacts") / "student"  # where a logged pyfunc student keeps the folder
+
+
+def download_logged(model_uri: str, to: str | Path, tracking_uri: str | None = None) -> Path:
+    """The student folder of a logged (not necessarily registered) model: ``runs:/RUN_ID/student``
+    or ``models:/m-...`` (MLflow 3's logged-model id), downloaded into ``to``."""
+    use_store(tracking_uri)
+    dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(Path(to) / "download")))
+    inner = next((d for d in (dl / STUDENT_ARTIFACT, dl / "student" / STUDENT_ARTIFACT) if d.is_dir()), dl)
+    return student_dir(inner)
+
+
+def _registry_info(mv: ModelVersion) -> dict[str, Any]:
+    return {"name": mv.name, "version": mv.version, "aliases": list(mv.aliases or []),
+            "tags": dict(mv.tags), "run_id": mv.run_id, "source": mv.source,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def student_dir(folder: str | Path) -> Path:
+    """The student artifact inside a pulled folder (``folder/student``) or the folder itself."""
+    folder = Path(folder)
+    return check_student_dir(folder / "student" if (folder / "student").is_dir() else folder)
+
+
+def predict_dir(folder: str | Path, image: str | Path | bytes, question: str) -> dict:
+    """Answer one request from a pulled (or trained) student folder; JSON-serializable result."""
+    from registry.pyfunc_model import decode_image
+    from students.predictor import StudentPredictor
+
+    image = str(image) if isinstance(image, Path) else image
+    predictor = StudentPredictor.load(student_dir(folder), device="cpu")
+    return predictor.predict([{"image": decode_image(image, where="--image"), "question": question}])[0]
