@@ -82,7 +82,7 @@ def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Pat
             "reasoner": {"type": "llm", "model": str(llm_dir), "prompt": PROMPT_TEMPLATE,
                          "max_new_tokens": 96, "batch_size": 16},
         },
-        "record": {"shard_size": 64},
+        "record": {"shard_size": 128},
         **PRESETS[preset],
     }
     tmp = path.with_suffix(".tmp")

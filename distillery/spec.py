@@ -55,7 +55,7 @@ class RecordConfig(BaseModel):
     """How the record flow maps work onto Prefect tasks."""
 
     model_config = ConfigDict(extra="forbid")
-    shard_size: int = Field(64, ge=1, description="Inputs per (node, shard) task and per commit.")
+    shard_size: int = Field(128, ge=1, description="Inputs per (node, shard) task and per commit (a crash loses at most one shard in flight).")
     retries: int = Field(2, ge=0, description="Task retries on transient (whole-shard) errors.")
     retry_delay_s: float = Field(1.0, ge=0)
 

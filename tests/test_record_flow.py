@@ -121,7 +121,9 @@ def test_node_failure_quarantines_only_that_input(tiny_demo, tmp_path, monkeypat
 def test_sigkill_mid_run_then_rerun_records_each_input_once(tiny_demo, tmp_path):
     """A record run killed with SIGKILL mid-way, rerun from the CLI: every input exactly once."""
     spec_path = tmp_path / "spec.yaml"
-    text = Path(tiny_demo["spec_path"]).read_text().replace("shard_size: 64", "shard_size: 4")
+    text = Path(tiny_demo["spec_path"]).read_text()
+    assert "shard_size: 128" in text
+    text = text.replace("shard_size: 128", "shard_size: 4")
     spec_path.write_text(text)
     inputs = _inputs(tiny_demo, tmp_path, n=16)
     traces = tmp_path / "traces.lance"
