@@ -20,6 +20,7 @@ from torchvision.ops import batched_nms
 
 from students import losses
 from students.config import StudentConfig
+from students.masks import instance_masks
 
 
 @dataclass
@@ -259,7 +260,7 @@ class DetectionHead(Head):
 
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
-        NMS as a safety net, masks at the original image size as COCO RLE."""
+        NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
         from teachers.yolo import describe_detections, mask_to_rle
 
         conf, iou, max_det = self.thresholds()
@@ -275,20 +276,9 @@ class DetectionHead(Head):
                "class_probs": probs[keep].tolist(), "labels": labels, "masks": [],
                "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
         if self.segment:
-            res["masks"] = [mask_to_rle(m) for m in self.instance_masks(out, i, keep, boxes[keep], (h, w))]
+            logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
+            res["masks"] = [mask_to_rle(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
         return res
-
-    @staticmethod
-    def instance_masks(out: dict[str, Tensor], i: int, keep: Tensor, boxes: Tensor, size: tuple[int, int],
-                       max_pixels: int = 1 << 24):
-        """(n,) kept locations -> binary masks (H, W) uint8 at the original size, cut to their box;
-        computed a chunk of boxes at a time (at most ``max_pixels`` floats: images can be large)."""
-        logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())  # (n, h', w')
-        h, w = size
-        step = max(1, max_pixels // (h * w))
-        for a in range(0, len(logits), step):
-            full = F.interpolate(logits[None, a:a + step], size=(h, w), mode="bilinear", align_corners=False)[0]
-            yield from ((full > 0) & losses.box_region(boxes[a:a + step], h, w)).to(torch.uint8).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
