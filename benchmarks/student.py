@@ -8,7 +8,9 @@ The student: ``--student DIR``; else the one ``distillery demo`` pulled into ``-
 (its ``report.json``); else one trained now on the demo world's train traces.
 
 Both sides run on ``--device`` (default: cpu, where the >= 20x goal at batch 1 is set), the
-teacher nodes included, even on a machine with a GPU; the output records it.
+teacher nodes included, even on a machine with a GPU; the output records it. On the CPU the
+student runs as it is deployed: on ONNX Runtime where its folder holds the export
+(``students/onnx.py``; training writes it), and then on eager torch too, against the same graph run.
 """
 
 from __future__ import annotations
@@ -83,8 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     images, questions = test_inputs(world, args.inputs)
     res = measure(student, spec, images, questions, batch_sizes=(1, 16), device=args.device)
     out = {**res["ratios"], "student": res["student"], "graph": res["graph"], "student_dir": str(student),
-           "preset": args.preset, "device": res["device"]}
+           "preset": args.preset, "device": res["device"], "backend": res["student"]["backend"]}
     report(res)
+    if res["student"]["backend"] != "torch":  # the same student on eager torch, against the same graph run
+        from students.efficiency import compare, measure_student
+
+        eager = measure_student(student, images, questions, batch_sizes=(1, 16), device=args.device, backend="torch")
+        out["torch"] = {**compare(eager, res["graph"]), "student": eager}
+        report({"student": eager, "graph": res["graph"], "ratios": out["torch"], "device": res["device"]})
     import torch
 
     if args.device == "cpu" and torch.cuda.is_available():  # the same figures on the GPU, in the same run
@@ -97,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
 def report(res: dict) -> None:
     for side in ("student", "graph"):
         s = res[side]
-        print(f"{side:>8}: {s['parameters']:>12,d} params  peak {s['peak_memory_bytes'] / 2**20:8.1f} MiB  "
+        name = f"student ({s['backend']})" if side == "student" else side
+        print(f"{name:>16}: {s['parameters']:>12,d} params  peak {s['peak_memory_bytes'] / 2**20:8.1f} MiB  "
               f"b1 {s['latency_b1_s'] * 1e3:8.2f} ms/img  b16 {s['latency_b16_s'] * 1e3:8.2f} ms/img")
     r = res["ratios"]
-    print(f"on {res['device']}: speedup b1 {r['speedup_batch1']:.1f}x (goal >= {GOAL_SPEEDUP_B1:.0f}x on the CPU), "
+    print(f"on {res['device']}, student on {res['student']['backend']}: speedup b1 {r['speedup_batch1']:.1f}x (goal >= {GOAL_SPEEDUP_B1:.0f}x on the CPU), "
           f"b16 {r['speedup_batch16']:.1f}x, params {r['param_ratio']:.1f}x, memory {r['memory_ratio']:.1f}x")
 
 

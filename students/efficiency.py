@@ -14,9 +14,9 @@ compare like with like on this machine:
   peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) minus the RSS
   before loading: the memory the model and its activations cost this process (never less than
   the weights' bytes: memory freed earlier in the process is reused without growing the RSS).
-* ``latency_b{B}_s``: seconds per image when answering a batch of B requests (median over
-  ``repeats`` after one warm-up), from encoded image bytes to outputs (decode included on both
-  sides). The graph runs exactly as the recorder does (``teachers.record.run_shard``: every node
+* ``latency_b{B}_s``: seconds per image when answering batches of B requests (every input once
+  per pass, the median of ``repeats`` passes after one untimed pass), from encoded image bytes to
+  outputs (decode included on both sides). The graph runs exactly as the recorder does (``teachers.record.run_shard``: every node
   in topological order over the batch, each in its own ``batch_size``).
 * ``device``: where both sides ran. ``device=`` puts the student and every teacher node there
   (each node's ``device`` setting is overridden), so a CPU figure is a CPU figure even on a
@@ -139,20 +139,26 @@ class PeakMemory:
 
 def time_per_image(run: Callable[[list], Any], pairs: list, batch_sizes: Sequence[int], repeats: int,
                    device: torch.device) -> dict[str, float]:
-    """``{"latency_b{B}_s": median seconds per image}`` for each batch size (one warm-up each)."""
+    """``{"latency_b{B}_s": seconds per image}`` for each batch size: one pass over every input in
+    batches of B (at least one full batch, cycling), after one untimed pass; the median of
+    ``repeats`` passes. Every input counts, not the first one alone (inputs differ in their number
+    of objects, and so in the work after the forward pass)."""
     out = {}
     for b in batch_sizes:
-        batch = take(pairs, b)
-        run(batch)  # warm-up: lazy init, caches, allocator
+        items = take(pairs, max(b, len(pairs) // b * b))  # whole batches only
+        batches = [items[i:i + b] for i in range(0, len(items), b)]
+        for batch in batches:  # warm-up: lazy init, caches, allocator, every input shape
+            run(batch)
         times = []
         for _ in range(max(1, repeats)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run(batch)
+            for batch in batches:
+                run(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / b)
+            times.append((time.perf_counter() - t0) / len(items))
         out[f"latency_b{b}_s"] = statistics.median(times)
     return out
 
@@ -174,8 +180,9 @@ def spec_on_device(spec, device: str | torch.device):
 
 def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes], questions: Sequence[str],
                     batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5,
-                    device: str | torch.device | None = None) -> dict[str, Any]:
-    """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one)."""
+                    device: str | torch.device | None = None, backend: str = "auto") -> dict[str, Any]:
+    """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one),
+    on ``backend`` (``StudentPredictor.load``: auto, torch or onnx; the result names the one used)."""
     from registry.pull import student_dir
     from students.predictor import StudentPredictor
 
@@ -183,12 +190,12 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
     device = resolve_device(device)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        predictor = StudentPredictor.load(student_dir(model_dir), device=device)
+        predictor = StudentPredictor.load(student_dir(model_dir), device=device, backend=backend)
         load_s = time.perf_counter() - t0
         run = lambda batch: predictor.predict([{"image": img, "question": q} for img, q in batch])  # noqa: E731
         lat = time_per_image(run, pairs, batch_sizes, repeats, device)
     params, nbytes = count_parameters([predictor.model])
-    result = {"what": "student", "parameters": params, "weights_bytes": nbytes,
+    result = {"what": "student", "backend": predictor.backend, "parameters": params, "weights_bytes": nbytes,
               "peak_memory_bytes": max(mem.peak, nbytes),
               "memory_kind": mem.kind, "device": str(device), "load_s": load_s, "inputs": len(pairs),
               "repeats": repeats, **lat}
@@ -263,9 +270,9 @@ def compare(student: dict[str, Any], graph: dict[str, Any]) -> dict[str, float]:
 
 def measure(model_dir: str | Path, spec, images: Sequence, questions: Sequence[str],
             batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5, graph_repeats: int = 3,
-            device: str | torch.device | None = None) -> dict[str, Any]:
+            device: str | torch.device | None = None, backend: str = "auto") -> dict[str, Any]:
     """Student and graph in one process run, both on ``device``: ``{"student", "graph", "ratios",
     "device"}``."""
-    student = measure_student(model_dir, images, questions, batch_sizes, repeats, device)
+    student = measure_student(model_dir, images, questions, batch_sizes, repeats, device, backend)
     graph = measure_graph(spec, images, questions, batch_sizes, graph_repeats, device)
     return {"student": student, "graph": graph, "ratios": compare(student, graph), "device": student["device"]}

@@ -174,7 +174,7 @@ class DetectionHead(Head):
         its score, and every class score. cls_logits (B, P, C) -> (B, P), (B, P), (B, P, C)."""
         probs = cls_logits.float().sigmoid()  # (B, P, C)
         B, P, C = probs.shape
-        n = round(P ** 0.5)
+        n = self.cfg.image_size // 8  # the stride-8 grid (P = n * n), static for tracing
         grid = probs.transpose(1, 2).reshape(B, C, n, n)
         peaks = (grid == F.max_pool2d(grid, 3, 1, 1)).reshape(B, C, P).transpose(1, 2)  # (B, P, C)
         scores, classes = (probs * peaks).max(-1)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from students.config import StudentConfig
 from students.data import StudentSchema, load_tokenizer
+from students.decoding import answer_limit, greedy_decode
 from students.heads import Features, Segment, conv_bn_act, head_class
 from students.losses import LossBalancer
 
@@ -157,6 +158,13 @@ class TextDecoder(nn.Module):
         ones = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
         return torch.cat([img, text], 1), torch.cat([ones, mask], 1), mask.sum(1)
 
+    def step(self, tokens: Tensor, pos: Tensor, seg: Tensor, past: dict) -> tuple[Tensor, dict]:
+        """One greedy step: tokens (B,) at text positions pos (B,) in segment seg (B, 1), after
+        the cache ``past`` -> next-token logits (B, V) and the extended cache."""
+        x = (self.tok_embed(tokens) + self.text_pos(pos))[:, None]  # (B, 1, d)
+        hid, cache = self.run(x, seg, torch.ones(seg.shape, dtype=torch.bool, device=seg.device), past=past)
+        return self.lm_head(hid[:, -1]), cache
+
     def run(self, x: Tensor, seg: Tensor, valid: Tensor, past: dict | None = None) -> tuple[Tensor, dict]:
         """Blocks over x (B, L, d) with segment ids seg (B, L) and validity (B, L). With ``past``
         (an earlier call's cache) the new tokens also see the cached keys of the prefix and of
@@ -246,7 +254,13 @@ class MultimodalStudent(nn.Module):
             starts.append(start)
             start += L
         hidden, cache = self.decoder.run(torch.cat(parts, 1), torch.cat(seg_ids, 1), torch.cat(valids, 1))
-        feats.text = {s.name: hidden[:, a:a + s.embeds.shape[1]] for s, a in zip(segs, starts)}
+        # Each segment's states, sliced from the end: its length is static, where it starts depends
+        # on the question's length (a dynamic axis of the ONNX export, students/onnx.py).
+        feats.text, end = {}, 0
+        for s in reversed(segs):
+            L = int(s.embeds.shape[1])
+            feats.text[s.name] = hidden[:, -(end + L): (-end or None)]
+            end += L
         return {"cache": cache, "n_q": n_q, "segments": segs, "starts": starts, "hidden": hidden}
 
     def forward(self, batch: dict, echo: bool = False) -> dict[str, dict[str, Tensor]]:
@@ -291,28 +305,16 @@ class MultimodalStudent(nn.Module):
         a row stops at an eos id, every row at the length limit."""
         seg, start = state["segments"][index - 1], state["starts"][index - 1]
         L = seg.embeds.shape[1]
-        eos_ids = list(self.schema.text["eos_ids"])
-        limit = min(max_new_tokens or self.cfg.max_answer_tokens, self.cfg.max_answer_tokens)
         h, cache = state["hidden"][:, start + L - 1], state["cache"]  # (B, d): the task token's state
-        B, device = h.shape[0], h.device
-        eos, seg_ids, ones = (torch.tensor(eos_ids, device=device), torch.full((B, 1), index, device=device),
-                              torch.ones(B, 1, dtype=torch.bool, device=device))
-        tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(limit):
-            nxt = self.decoder.lm_head(h).argmax(-1)  # (B,)
-            tokens.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if t == limit - 1 or bool(done.all()):
-                break
-            pos = state["n_q"] + L + t  # (B,)
-            x = (self.decoder.tok_embed(nxt) + self.decoder.text_pos(pos))[:, None]  # (B, 1, d)
-            hid, cache = self.decoder.run(x, seg_ids, ones, past=cache)
-            h = hid[:, -1]
-        rows = []
-        for row in torch.stack(tokens, 1).tolist():
-            cut = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
-            rows.append(row[:cut])
-        return rows
+        seg_ids = torch.full((h.shape[0], 1), index, device=h.device)
+
+        def step(tokens: Tensor, pos: Tensor) -> Tensor:
+            nonlocal cache
+            logits, cache = self.decoder.step(tokens, pos, seg_ids, cache)
+            return logits
+
+        return greedy_decode(self.decoder.lm_head(h), step, state["n_q"] + L, self.schema.text["eos_ids"],
+                             answer_limit(self.cfg, max_new_tokens))
 
     @torch.no_grad()
     def fuse_for_inference(self) -> "MultimodalStudent":

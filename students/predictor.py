@@ -51,17 +51,42 @@ def read_image(image: Any, where: str) -> Image.Image:
     raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
 class StudentPredictor:
-    def __init__(self, model: MultimodalStudent, tokenizer, device: str | torch.device = "cpu"):
+    def __init__(self, model: MultimodalStudent, tokenizer, device: str | torch.device = "cpu", runner=None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        self.runner = runner  # an OnnxStudent, or None: the torch model runs
+        self.backend = "onnx" if runner is not None else "torch"
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "StudentPredictor":
-        """A saved student, its BatchNorms folded into the convs (inference only)."""
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> "StudentPredictor":
+        """A saved student, its BatchNorms folded into the convs (inference only).
+
+        ``backend``: ``torch``; ``onnx`` (ONNX Runtime on the CPU, ``students/onnx.py``: the graphs
+        in ``model_dir/onnx``, exported now if missing or stale); ``auto`` (default): ONNX where
+        the device is the CPU, onnxruntime is installed and the folder holds current graphs,
+        else torch."""
+        from students import onnx
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         model = MultimodalStudent.from_pretrained(model_dir, map_location=device).fuse_for_inference()
-        return cls(model, model.tokenizer, device)
+        on_cpu = torch.device(device).type == "cpu"
+        if backend == "onnx":
+            if not on_cpu:
+                raise ValueError(f"backend 'onnx' runs on the CPU, not on {device}")
+            if not onnx.available():
+                raise ValueError("backend 'onnx' needs onnxruntime (pip install onnxruntime)")
+            if not onnx.is_current(model_dir):
+                onnx.export_onnx(model_dir)
+        use_onnx = backend == "onnx" or (backend == "auto" and on_cpu and onnx.available() and onnx.is_current(model_dir))
+        runner = onnx.OnnxStudent(Path(model_dir) / onnx.ONNX_DIR, model.cfg, model.schema.text["eos_ids"]) \
+            if use_onnx else None
+        return cls(model, model.tokenizer, device, runner)
 
     @classmethod
     def from_model(cls, model: MultimodalStudent) -> "StudentPredictor":
@@ -103,7 +128,8 @@ class StudentPredictor:
             self.model.eval()
         try:
             batch, sizes = self.prepare(requests)
-            raw = batch_to(self.model.predict_raw(batch), "cpu")
+            run = self.runner.predict_raw if self.runner is not None else self.model.predict_raw
+            raw = batch_to(run(batch), "cpu")
         finally:
             if was_training:
                 self.model.train()
