@@ -25,7 +25,7 @@ CHAMPION = "champion"  # alias on the version that passed the promotion gate
 
 # What the logged pyfunc model needs at load time (pinned to the installed versions).
 RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors",
-                    "numpy", "pandas", "pillow", "pycocotools", "pydantic")
+                    "numpy", "pandas", "pillow", "pycocotools", "pydantic", "onnxruntime")
 
 
 class RegistryConfig(BaseModel):

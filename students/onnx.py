@@ -113,10 +113,13 @@ def export_onnx(model_dir: str | Path) -> Path:
     from students.model import MultimodalStudent
 
     model_dir = Path(model_dir)
-    model = MultimodalStudent.from_pretrained(model_dir, map_location="cpu").fuse_for_inference()
-    if model.cfg.detection_summary == "text":
+    from students.config import StudentConfig
+
+    cfg = StudentConfig.model_validate(json.loads((model_dir / "config.json").read_text())["student"])
+    if cfg.detection_summary == "text":
         raise ValueError(f"{model_dir}: detection_summary 'text' builds its prefix in Python (the tokenizer); "
                          "ONNX export needs 'slots' or 'none'")
+    model = MultimodalStudent.from_pretrained(model_dir, map_location="cpu").fuse_for_inference()
     batch = _example_batch(model)
     with torch.no_grad():  # (not inference_mode: these tensors are traced below)
         outputs, feats, state = model.encode(batch)

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -258,10 +259,24 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
         model.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
         write_json(out_dir / "lineage.json", lineage)
+        if cfg.onnx_export:
+            export_student_onnx(out_dir)
     if ctx.distributed:
         dist.barrier()
     return TrainResult(out_dir, data.uri, data.version, metrics, state.history, len(split.train), len(split.val),
                        split.num_replay, time.perf_counter() - t0, lineage, model)
+
+
+def export_student_onnx(out_dir: Path) -> None:
+    """The ONNX Runtime graphs beside the saved student; a failure leaves the student usable on
+    torch and says why (the export is a deployment convenience, not the model)."""
+    from students import onnx
+
+    try:
+        onnx.export_onnx(out_dir)
+    except Exception as e:  # noqa: BLE001 -- any exporter error: keep the trained student
+        warnings.warn(f"{out_dir}: ONNX export failed, the student runs on torch only ({type(e).__name__}: {e})",
+                      stacklevel=2)
 
 
 def make_lineage(spec: Spec, data: Traces, split: Split, ctx: Dist, init_from: str | Path | None,

@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
                                 "weights. Off: a little faster, equal only up to float noise.")
     seed: int = Field(0, description="Seeds weights, data order and dropout; the same seed gives "
                       "the same weights, with or without an interruption and resume.")
+    onnx_export: bool = Field(True, description="Also write the student as ONNX Runtime graphs "
+                              "(onnx/ in the student folder, students/onnx.py): its fast CPU backend.")
     deployment: str | None = Field(None, description="Run the train step as this Prefect deployment "
                                    "(e.g. 'train/gpu' on the gpu work pool, see prefect.yaml); None: "
                                    "in-process. Trace store and output paths must be shared storage.")

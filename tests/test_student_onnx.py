@@ -1,0 +1,125 @@
+"""The student on ONNX Runtime (students/onnx.py) answers exactly as the torch student: same
+answers (greedy over the exported step graph and its cache), same detections, masks and
+documents, at any batch size and question length; stale graphs are never used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distillery.spec import load_spec
+from student_support import make_records, tiny_config, write_graph
+from students import onnx
+from students.data import TraceDataset, build_schema, collate, load_tokenizer
+from students.model import MultimodalStudent
+from students.predictor import StudentPredictor
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny student trained a little (so that it detects objects and stops its answers), saved
+    and exported."""
+    torch.manual_seed(0)
+    spec = load_spec(write_graph(tmp_path_factory.mktemp("graph")))
+    records = make_records()
+    schema = build_schema(spec, records)
+    batch = collate(list(TraceDataset(records, schema, tiny_config(), load_tokenizer(schema))))
+    model = MultimodalStudent(tiny_config(), schema)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    for _ in range(60):
+        loss, _ = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = model.save_pretrained(tmp_path_factory.mktemp("student") / "student")
+    assert onnx.export_onnx(out) == out / "onnx"
+    return out, records
+
+
+def requests_of(records, questions=None):
+    return [{"image": r.image_bytes, "question": q or r.question}
+            for r, q in zip(records, questions or [None] * len(records))]
+
+
+def test_onnx_predictions_equal_the_torch_ones(folder):
+    out, records = folder
+    torch_pred, onnx_pred = StudentPredictor.load(out, backend="torch"), StudentPredictor.load(out)
+    assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnx")  # auto: the current export
+    # batches of 1 and of 4, questions of other lengths than the export's example (a dynamic axis)
+    asks = [requests_of(records[:1]), requests_of(records),
+            requests_of(records, ["how many", "a much longer question than any of the others here", None, "?"])]
+    detected = 0
+    for reqs in asks:
+        want, got = torch_pred.predict(reqs), onnx_pred.predict(reqs)
+        for w, g in zip(want, got):
+            assert g["answer"] == w["answer"] and g["reasoner"] == w["reasoner"]
+            assert g["retriever"]["ids"] == w["retriever"]["ids"]
+            assert g["detector"]["labels"] == w["detector"]["labels"]
+            assert g["detector"]["masks"] == w["detector"]["masks"]
+            torch.testing.assert_close(torch.tensor(g["detector"]["boxes"]), torch.tensor(w["detector"]["boxes"]),
+                                       atol=1e-5, rtol=0)
+            detected += len(w["detector"]["labels"])
+    assert detected > 0, "the test student should detect something (else masks are not compared)"
+
+
+def test_onnx_greedy_runs_the_step_graph_up_to_the_length_limit(folder, monkeypatch):
+    """Answers that never stop (eos forbidden): both backends give max_answer_tokens tokens, the
+    same ones, so the exported step graph and its growing cache decode as torch does."""
+    out, records = folder
+    onnx_pred = StudentPredictor.load(out, backend="onnx")
+    batch, _ = onnx_pred.prepare(requests_of(records))
+    eos = onnx_pred.model.schema.text["eos_ids"]
+    import students.decoding as decoding
+
+    real = decoding.greedy_decode
+
+    def no_eos(logits, step, pos, eos_ids, limit):  # eos never wins an argmax
+        def masked(t, p):
+            return step(t, p).index_fill(-1, torch.tensor(eos), -torch.inf)
+        return real(logits.index_fill(-1, torch.tensor(eos), -torch.inf), masked, pos, eos_ids, limit)
+
+    monkeypatch.setattr("students.onnx.greedy_decode", no_eos)
+    monkeypatch.setattr("students.model.greedy_decode", no_eos)
+    got = onnx_pred.runner.predict_raw(batch)["reasoner"]["answer_ids"]
+    with torch.inference_mode():
+        want = onnx_pred.model.predict_raw(batch)["reasoner"]["answer_ids"]
+    limit = onnx_pred.model.cfg.max_answer_tokens
+    assert got == want and all(len(row) == limit for row in got)
+
+
+def test_stale_graphs_are_never_used(folder, tmp_path):
+    out, records = folder
+    import shutil
+
+    copy = shutil.copytree(out, tmp_path / "student")
+    weights = load_file(copy / "model.safetensors")
+    name = next(k for k in weights if k.endswith("lm_head.weight") or "tok_embed" in k)
+    weights[name] = weights[name] + 0.5  # the student changed after the export
+    save_file(weights, copy / "model.safetensors")
+    assert not onnx.is_current(copy)
+    assert StudentPredictor.load(copy).backend == "torch"  # auto: stale graphs -> torch
+    fresh = StudentPredictor.load(copy, backend="onnx")  # onnx: re-exported first
+    assert fresh.backend == "onnx" and onnx.is_current(copy)
+    meta = json.loads((copy / "onnx" / "meta.json").read_text())
+    assert meta["digest"] == onnx.digest(copy)
+    reqs = requests_of(records)
+    got, want = fresh.predict(reqs), StudentPredictor.load(copy, backend="torch").predict(reqs)
+    assert [g["answer"] for g in got] == [w["answer"] for w in want]
+    assert not list(copy.glob(".onnx-*")), "no temporary export folder left behind"
+
+
+def test_unknown_backend_and_text_summaries_are_refused(folder, tmp_path):
+    out, _ = folder
+    with pytest.raises(ValueError, match="backend 'tensorrt': expected one of auto, torch, onnx"):
+        StudentPredictor.load(out, backend="tensorrt")
+    config = json.loads((out / "config.json").read_text())
+    config["student"]["detection_summary"] = "text"
+    import shutil
+
+    copy = shutil.copytree(out, tmp_path / "text-student")
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="detection_summary 'text'.*needs 'slots' or 'none'"):
+        onnx.export_onnx(copy)
