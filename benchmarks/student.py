@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
         eager = measure_student(student, images, questions, batch_sizes=(1, 16), device=args.device, backend="torch")
         out["torch"] = {**compare(eager, res["graph"]), "student": eager}
         report({"student": eager, "graph": res["graph"], "ratios": out["torch"], "device": res["device"]})
+        out["backend_vs_torch"] = backend_agreement(student, *test_inputs(world, 200), res["student"]["backend"])
+        a = out["backend_vs_torch"]
+        print(f"{res['student']['backend']} vs torch on {a['inputs']} test requests: same answer {a['same_answer']:.3f}, "
+              f"same detected labels {a['same_labels']:.3f}, same top document {a['same_top_document']:.3f}")
     import torch
 
     if args.device == "cpu" and torch.cuda.is_available():  # the same figures on the GPU, in the same run
@@ -100,6 +104,24 @@ def main(argv: list[str] | None = None) -> dict:
         out["cuda"] = {**gpu["ratios"], "student": gpu["student"], "graph": gpu["graph"]}
         report(gpu)
     return out
+
+
+def backend_agreement(student: Path, images: list[Path], questions: list[str], backend: str) -> dict:
+    """How often the backend's outputs equal the torch student's (int8 quantization may change
+    some): answers, detected labels (as multisets), the top retrieved document."""
+    from registry.pull import student_dir
+    from students.predictor import StudentPredictor
+
+    folder = student_dir(student)
+    fast, ref = StudentPredictor.load(folder, backend=backend), StudentPredictor.load(folder, backend="torch")
+    same = {"same_answer": 0, "same_labels": 0, "same_top_document": 0}
+    for image, question in zip(images, questions):
+        req = [{"image": str(image), "question": question}]
+        (a,), (b,) = fast.predict(req), ref.predict(req)
+        same["same_answer"] += a["answer"] == b["answer"]
+        same["same_labels"] += all(sorted(a[n]["labels"]) == sorted(b[n]["labels"]) for n in a if "labels" in a[n])
+        same["same_top_document"] += all(a[n]["ids"][:1] == b[n]["ids"][:1] for n in a if "ids" in a[n])
+    return {"inputs": len(images), **{k: v / max(len(images), 1) for k, v in same.items()}}
 
 
 def report(res: dict) -> None:

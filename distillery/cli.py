@@ -312,12 +312,17 @@ def predict(
     model_dir: Path = typer.Argument(..., help="A pulled folder or a student folder."),
     image: Path = typer.Option(..., "--image", help="Image file."),
     question: str = typer.Option(..., "--question", help="Question text."),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime where the folder has the "
+                                "export, int8 first), torch, onnx or onnx-int8."),
 ) -> None:
     """Answer one image + question with a student folder (JSON out)."""
     runtime.configure()
     from registry.pull import predict_dir
 
-    print(json.dumps(predict_dir(model_dir, image, question), default=str))
+    try:
+        print(json.dumps(predict_dir(model_dir, image, question, backend=backend), default=str))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

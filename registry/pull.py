@@ -105,11 +105,12 @@ def student_dir(folder: str | Path) -> Path:
     return check_student_dir(folder / "student" if (folder / "student").is_dir() else folder)
 
 
-def predict_dir(folder: str | Path, image: str | Path | bytes, question: str) -> dict:
-    """Answer one request from a pulled (or trained) student folder; JSON-serializable result."""
+def predict_dir(folder: str | Path, image: str | Path | bytes, question: str, backend: str = "auto") -> dict:
+    """Answer one request from a pulled (or trained) student folder; JSON-serializable result
+    (``backend`` as ``StudentPredictor.load``)."""
     from registry.pyfunc_model import decode_image
     from students.predictor import StudentPredictor
 
     image = str(image) if isinstance(image, Path) else image
-    predictor = StudentPredictor.load(student_dir(folder), device="cpu")
+    predictor = StudentPredictor.load(student_dir(folder), device="cpu", backend=backend)
     return predictor.predict([{"image": decode_image(image, where="--image"), "question": question}])[0]

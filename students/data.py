@@ -38,9 +38,10 @@ def open_image(data: bytes, where: str) -> Image.Image:
         raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
 
 
-def image_tensor(img: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
-    """RGB image -> (3, size, size) uint8, resized (aspect ratio not kept, like the boxes)."""
-    img = img.resize((size, size), Image.BILINEAR)
+def image_tensor(img: Image.Image, size: int, flip: bool = False, downscale: str = "reduce") -> torch.Tensor:
+    """RGB image -> (3, size, size) uint8, resized (aspect ratio not kept, like the boxes);
+    ``downscale`` as ``StudentConfig.downscale``."""
+    img = img.resize((size, size), Image.BILINEAR, reducing_gap=1.0 if downscale == "reduce" else None)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -186,7 +187,7 @@ class TraceDataset(torch.utils.data.Dataset):
     def _decode(self, index: int) -> dict[str, Any]:
         rec, cfg = self.records[index], self.cfg
         img = open_image(rec.image_bytes, f"record {rec.input_id}")
-        item = {"input_id": rec.input_id, "image": image_tensor(img, cfg.image_size),
+        item = {"input_id": rec.input_id, "image": image_tensor(img, cfg.image_size, downscale=cfg.downscale),
                 "question_ids": encode_question(self.tok, rec.question, cfg.max_question_tokens), "targets": {}}
         for name, node in self.schema.nodes.items():
             out = usable_output(rec, name)

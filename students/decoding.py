@@ -16,12 +16,14 @@ def answer_limit(cfg: StudentConfig, max_new_tokens: int | None = None) -> int:
 
 
 def greedy_decode(logits: Tensor, step: Callable[[Tensor, Tensor], Tensor], pos: Tensor, eos_ids: list[int],
-                  limit: int) -> list[list[int]]:
+                  limit: int, done: Tensor | None = None) -> list[list[int]]:
     """Greedy decoding from the first token's logits (B, V); ``step(tokens (B,), positions (B,))``
     returns the next logits (the caller keeps the cache). A row stops at an eos id (cut from it),
-    every row at ``limit`` tokens. Shared by the torch and the ONNX Runtime students."""
+    every row at ``limit`` tokens; ``done`` (B,) marks rows that need no more tokens. Shared by
+    the torch and the ONNX Runtime students."""
     eos = torch.tensor(list(eos_ids), device=logits.device)
-    tokens, done = [], torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    tokens = []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device) if done is None else done.clone()
     for t in range(limit):
         nxt = logits.argmax(-1)  # (B,)
         tokens.append(nxt)

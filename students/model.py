@@ -360,6 +360,7 @@ class MultimodalStudent(nn.Module):
             if not (model_dir / f).is_file():
                 raise FileNotFoundError(f"{model_dir}: no {f} (not a saved student)")
         config = json.loads((model_dir / CONFIG_FILE).read_text())
+        config["student"].setdefault("downscale", "bilinear")  # saved before the option: trained so
         cfg = StudentConfig.model_validate(config["student"])
         schema = StudentSchema.from_dict(config["schema"])
         schema.tokenizer = str(model_dir)

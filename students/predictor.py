@@ -51,7 +51,7 @@ def read_image(image: Any, where: str) -> Image.Image:
     raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
 
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 class StudentPredictor:
@@ -60,32 +60,37 @@ class StudentPredictor:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.runner = runner  # an OnnxStudent, or None: the torch model runs
-        self.backend = "onnx" if runner is not None else "torch"
+        self.backend = "torch" if runner is None else "onnx-int8" if runner.int8 else "onnx"
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> "StudentPredictor":
         """A saved student, its BatchNorms folded into the convs (inference only).
 
         ``backend``: ``torch``; ``onnx`` (ONNX Runtime on the CPU, ``students/onnx.py``: the graphs
-        in ``model_dir/onnx``, exported now if missing or stale); ``auto`` (default): ONNX where
-        the device is the CPU, onnxruntime is installed and the folder holds current graphs,
-        else torch."""
+        in ``model_dir/onnx``, exported now if missing or stale); ``onnx-int8`` (its int8
+        encoder, written by training); ``auto`` (default): on the CPU with onnxruntime installed,
+        the int8 graphs where the folder holds current ones, else the float ones, else torch."""
         from students import onnx
 
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         model = MultimodalStudent.from_pretrained(model_dir, map_location=device).fuse_for_inference()
         on_cpu = torch.device(device).type == "cpu"
-        if backend == "onnx":
+        if backend.startswith("onnx"):
             if not on_cpu:
-                raise ValueError(f"backend 'onnx' runs on the CPU, not on {device}")
+                raise ValueError(f"backend {backend!r} runs on the CPU, not on {device}")
             if not onnx.available():
-                raise ValueError("backend 'onnx' needs onnxruntime (pip install onnxruntime)")
+                raise ValueError(f"backend {backend!r} needs onnxruntime (pip install onnxruntime)")
             if not onnx.is_current(model_dir):
                 onnx.export_onnx(model_dir)
-        use_onnx = backend == "onnx" or (backend == "auto" and on_cpu and onnx.available() and onnx.is_current(model_dir))
-        runner = onnx.OnnxStudent(Path(model_dir) / onnx.ONNX_DIR, model.cfg, model.schema.text["eos_ids"]) \
-            if use_onnx else None
+            if backend == "onnx-int8" and not onnx.has_int8(model_dir):
+                raise ValueError(f"{model_dir}: no int8 encoder (training writes it; "
+                                 "students.onnx.export_onnx(dir, calibration=...) by hand)")
+        elif backend == "auto":
+            backend = ("onnx-int8" if onnx.has_int8(model_dir) else "onnx" if onnx.is_current(model_dir) else "torch") \
+                if on_cpu and onnx.available() else "torch"
+        runner = None if backend == "torch" else onnx.OnnxStudent(
+            Path(model_dir) / onnx.ONNX_DIR, model.cfg, model.schema.text["eos_ids"], int8=backend == "onnx-int8")
         return cls(model, model.tokenizer, device, runner)
 
     @classmethod
@@ -107,7 +112,7 @@ class StudentPredictor:
                                  "(and the spec has no default_question)")
             img = read_image(req["image"], where)
             sizes.append((img.height, img.width))
-            images.append(image_tensor(img, cfg.image_size))
+            images.append(image_tensor(img, cfg.image_size, downscale=cfg.downscale))
             questions.append(encode_question(self.tokenizer, question, cfg.max_question_tokens))
         L = max([len(q) for q in questions] + [1])
         q_ids = torch.zeros(len(questions), L, dtype=torch.long)

@@ -260,20 +260,21 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
         write_json(out_dir / "metrics.json", metrics)
         write_json(out_dir / "lineage.json", lineage)
         if cfg.onnx_export:
-            export_student_onnx(out_dir)
+            export_student_onnx(out_dir, [{"image": r.image_bytes, "question": r.question} for r in split.train[:64]])
     if ctx.distributed:
         dist.barrier()
     return TrainResult(out_dir, data.uri, data.version, metrics, state.history, len(split.train), len(split.val),
                        split.num_replay, time.perf_counter() - t0, lineage, model)
 
 
-def export_student_onnx(out_dir: Path) -> None:
-    """The ONNX Runtime graphs beside the saved student; a failure leaves the student usable on
-    torch and says why (the export is a deployment convenience, not the model)."""
+def export_student_onnx(out_dir: Path, calibration: list[dict]) -> None:
+    """The ONNX Runtime graphs beside the saved student (and the int8 encoder, calibrated on
+    ``calibration``); a failure leaves the student usable on torch and says why (the export is a
+    deployment convenience, not the model)."""
     from students import onnx
 
     try:
-        onnx.export_onnx(out_dir)
+        onnx.export_onnx(out_dir, calibration)
     except Exception as e:  # noqa: BLE001 -- any exporter error: keep the trained student
         warnings.warn(f"{out_dir}: ONNX export failed, the student runs on torch only ({type(e).__name__}: {e})",
                       stacklevel=2)

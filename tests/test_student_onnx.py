@@ -66,28 +66,21 @@ def test_onnx_predictions_equal_the_torch_ones(folder):
 
 
 def test_onnx_greedy_runs_the_step_graph_up_to_the_length_limit(folder, monkeypatch):
-    """Answers that never stop (eos forbidden): both backends give max_answer_tokens tokens, the
-    same ones, so the exported step graph and its growing cache decode as torch does."""
+    """With no eos (its id moved out of the vocabulary) both backends decode max_answer_tokens
+    tokens, the same ones: the step graph and its growing cache decode as torch does."""
     out, records = folder
     onnx_pred = StudentPredictor.load(out, backend="onnx")
     batch, _ = onnx_pred.prepare(requests_of(records))
-    eos = onnx_pred.model.schema.text["eos_ids"]
-    import students.decoding as decoding
-
-    real = decoding.greedy_decode
-
-    def no_eos(logits, step, pos, eos_ids, limit):  # eos never wins an argmax
-        def masked(t, p):
-            return step(t, p).index_fill(-1, torch.tensor(eos), -torch.inf)
-        return real(logits.index_fill(-1, torch.tensor(eos), -torch.inf), masked, pos, eos_ids, limit)
-
-    monkeypatch.setattr("students.onnx.greedy_decode", no_eos)
-    monkeypatch.setattr("students.model.greedy_decode", no_eos)
+    never = [onnx_pred.model.schema.text["vocab_size"] + 7]
+    monkeypatch.setattr(onnx_pred.runner, "eos_ids", never)
+    monkeypatch.setitem(onnx_pred.model.schema.text, "eos_ids", never)
     got = onnx_pred.runner.predict_raw(batch)["reasoner"]["answer_ids"]
     with torch.inference_mode():
         want = onnx_pred.model.predict_raw(batch)["reasoner"]["answer_ids"]
     limit = onnx_pred.model.cfg.max_answer_tokens
     assert got == want and all(len(row) == limit for row in got)
+    short = onnx_pred.runner.predict_raw(batch, max_new_tokens=1)["reasoner"]["answer_ids"]
+    assert short == [row[:1] for row in want]
 
 
 def test_stale_graphs_are_never_used(folder, tmp_path):
@@ -123,3 +116,26 @@ def test_unknown_backend_and_text_summaries_are_refused(folder, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="detection_summary 'text'.*needs 'slots' or 'none'"):
         onnx.export_onnx(copy)
+
+
+def test_int8_encoder_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
+    """Training exports an int8 encoder calibrated on training inputs; auto picks it; on the
+    overfitted test student it gives the torch student's answers and labels."""
+    import shutil
+
+    out, records = folder
+    copy = shutil.copytree(out, tmp_path / "student")
+    calibration = requests_of(records) + [{"image": b"not an image", "question": "q"}]  # a bad one is skipped
+    with pytest.warns(UserWarning, match="calibration input 4 skipped"):
+        onnx.export_onnx(copy, calibration)
+    meta = json.loads((copy / "onnx" / "meta.json").read_text())
+    assert meta["int8"]["calibration_inputs"] == 4 and (copy / "onnx" / "encoder-int8.onnx").is_file()
+    assert not (copy / "onnx" / "encoder-pre.onnx").exists()
+    int8 = StudentPredictor.load(copy)
+    assert int8.backend == "onnx-int8" and StudentPredictor.load(copy, backend="onnx").backend == "onnx"
+    reqs = requests_of(records)
+    got, want = int8.predict(reqs), StudentPredictor.load(copy, backend="torch").predict(reqs)
+    assert [g["answer"] for g in got] == [w["answer"] for w in want]
+    assert [sorted(g["detector"]["labels"]) for g in got] == [sorted(w["detector"]["labels"]) for w in want]
+    with pytest.raises(ValueError, match="no int8 encoder"):
+        StudentPredictor.load(out, backend="onnx-int8")  # exported without calibration inputs
