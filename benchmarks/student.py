@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=16, help="distinct test requests to time on")
     ap.add_argument("--device", default="cpu", help="torch device of the student and every teacher node")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating student/graph rounds for the paired speed-up")
     args = ap.parse_args(argv)
     from distillery import runtime
 
@@ -87,6 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = {**res["ratios"], "student": res["student"], "graph": res["graph"], "student_dir": str(student),
            "preset": args.preset, "device": res["device"], "backend": res["student"]["backend"]}
     report(res)
+    from students.efficiency import paired_speedup
+
+    paired = paired_speedup(student, spec, images, questions, rounds=args.rounds, device=args.device)
+    out["speedup_batch1_paired"], out["paired"] = paired["speedup"], paired
+    print(f"speedup b1 in {paired['rounds']} alternating rounds (student {paired['backend']}): median "
+          f"{paired['speedup']:.1f}x (goal >= {GOAL_SPEEDUP_B1:.0f}x); rounds "
+          + ", ".join(f"{x:.1f}" for x in paired["speedups"]))
     if res["student"]["backend"] != "torch":  # the same student on eager torch, against the same graph run
         from students.efficiency import compare, measure_student
 

@@ -138,7 +138,7 @@ class PeakMemory:
 
 
 def time_per_image(run: Callable[[list], Any], pairs: list, batch_sizes: Sequence[int], repeats: int,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device, warmup: bool = True) -> dict[str, float]:
     """``{"latency_b{B}_s": seconds per image}`` for each batch size: one pass over every input in
     batches of B (at least one full batch, cycling), after one untimed pass; the median of
     ``repeats`` passes. Every input counts, not the first one alone (inputs differ in their number
@@ -147,7 +147,7 @@ def time_per_image(run: Callable[[list], Any], pairs: list, batch_sizes: Sequenc
     for b in batch_sizes:
         items = take(pairs, max(b, len(pairs) // b * b))  # whole batches only
         batches = [items[i:i + b] for i in range(0, len(items), b)]
-        for batch in batches:  # warm-up: lazy init, caches, allocator, every input shape
+        for batch in batches if warmup else []:  # warm-up: lazy init, caches, allocator, input shapes
             run(batch)
         times = []
         for _ in range(max(1, repeats)):
@@ -223,24 +223,17 @@ def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequenc
     """The same figures for the spec's whole teacher graph, run as the recorder runs it; with
     ``device``, every node is forced onto it (see ``spec_on_device``)."""
     from teachers.graph import TeacherGraph
-    from teachers.record import run_shard
 
     pairs = read_inputs(images, questions)
     if device is not None:
         spec = spec_on_device(spec, device)
     device = resolve_device(device)
 
-    def run(batch: list) -> None:
-        recs = run_shard(graph, requests_of(batch))
-        failed = [r.detail for r in recs if r.status != "ok"]
-        if failed:
-            raise RuntimeError(f"measure_graph: the teacher graph failed on an input: {failed[0]}")
-
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         graph = TeacherGraph(spec).load()
         load_s = time.perf_counter() - t0
-        lat = time_per_image(run, pairs, batch_sizes, repeats, device)
+        lat = time_per_image(graph_runner(graph), pairs, batch_sizes, repeats, device)
     modules = graph_modules(graph)
     params, nbytes = count_parameters(modules)
     result = {"what": "teacher graph", "nodes": list(graph.order), "parameters": params, "weights_bytes": nbytes,
@@ -250,6 +243,50 @@ def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequenc
     del graph, modules
     gc.collect()
     return result
+
+
+def graph_runner(graph) -> Callable[[list], None]:
+    """Run a loaded graph over a batch of (image bytes, question) as the recorder does."""
+    from teachers.record import run_shard
+
+    def run(batch: list) -> None:
+        recs = run_shard(graph, requests_of(batch))
+        failed = [r.detail for r in recs if r.status != "ok"]
+        if failed:
+            raise RuntimeError(f"the teacher graph failed on an input: {failed[0]}")
+
+    return run
+
+
+def paired_speedup(model_dir: str | Path, spec, images: Sequence, questions: Sequence[str], rounds: int = 5,
+                   batch_size: int = 1, device: str | torch.device | None = None,
+                   backend: str = "auto") -> dict[str, Any]:
+    """The batch-``batch_size`` speed-up in alternating rounds: each round times one pass of the
+    student and one of the graph over the same inputs, in alternating order, so a change in the
+    machine's speed between two measurements (a shared 2-core machine swings by 20-50% from one
+    minute to the next) hits both sides of a ratio. Returns the median ratio and every round's."""
+    from registry.pull import student_dir
+    from students.predictor import StudentPredictor
+    from teachers.graph import TeacherGraph
+
+    pairs = read_inputs(images, questions)
+    if device is not None:
+        spec = spec_on_device(spec, device)
+    device = resolve_device(device)
+    predictor = StudentPredictor.load(student_dir(model_dir), device=device, backend=backend)
+    runs = {"student": lambda batch: predictor.predict([{"image": img, "question": q} for img, q in batch]),
+            "graph": graph_runner(TeacherGraph(spec).load())}
+    key = f"latency_b{batch_size}_s"
+    times: dict[str, list[float]] = {"student": [], "graph": []}
+    for side, run in runs.items():  # one untimed pass each
+        time_per_image(run, pairs, [batch_size], 1, device)
+    for r in range(max(1, rounds)):
+        for side in (("student", "graph") if r % 2 == 0 else ("graph", "student")):
+            times[side].append(time_per_image(runs[side], pairs, [batch_size], 1, device, warmup=False)[key])
+    ratios = [g / s for s, g in zip(times["student"], times["graph"])]
+    return {"batch_size": batch_size, "rounds": len(ratios), "backend": predictor.backend,
+            "speedup": statistics.median(ratios), "speedups": ratios, "student_s": times["student"],
+            "graph_s": times["graph"]}
 
 
 def graph_modules_of(graph, name: str) -> list[torch.nn.Module]:

@@ -32,11 +32,11 @@ def measured(tiny_demo, tmp_path_factory):
     images = [world.split_dir("test") / r["image"] for r in reqs]
     res = measure(folder, spec, images, [r["question"] for r in reqs], batch_sizes=(1, 4), repeats=2, graph_repeats=1,
                   device="cpu")
-    return res, MultimodalStudent.from_pretrained(folder), spec
+    return res, MultimodalStudent.from_pretrained(folder), spec, (folder, images, [r["question"] for r in reqs])
 
 
 def test_figures_are_positive_and_count_every_model(measured):
-    res, model, _ = measured
+    res, model, _, _ = measured
     student, graph = res["student"], res["graph"]
     assert student["parameters"] == pytest.approx(sum(p.numel() for p in model.parameters()), rel=0.01)
     assert set(graph["parameters_by_node"]) == {"detector", "retriever", "reasoner"}
@@ -48,7 +48,7 @@ def test_figures_are_positive_and_count_every_model(measured):
 
 
 def test_ratios_are_graph_over_student(measured):
-    res, _, _ = measured
+    res, _, _, _ = measured
     s, g, r = res["student"], res["graph"], res["ratios"]
     assert r["speedup_batch1"] == pytest.approx(g["latency_b1_s"] / s["latency_b1_s"])
     assert r["speedup_batch4"] == pytest.approx(g["latency_b4_s"] / s["latency_b4_s"])
@@ -58,12 +58,23 @@ def test_ratios_are_graph_over_student(measured):
 
 
 def test_both_sides_run_and_report_the_requested_device(measured):
-    res, _, spec = measured
+    res, _, spec, _ = measured
     assert res["device"] == res["student"]["device"] == res["graph"]["device"] == "cpu"
     assert res["student"]["memory_kind"] == res["graph"]["memory_kind"] == "rss_peak_delta"
     forced = spec_on_device(spec, "cpu")  # what measure_graph loads: every node on the CPU, even with a GPU
     assert {name: cfg.device for name, cfg in forced.teachers.items()} == {n: "cpu" for n in spec.teachers}
     assert all(cfg.device is None for cfg in spec.teachers.values())  # the caller's spec is left as it was
+
+
+def test_paired_speedup_alternates_rounds_and_takes_the_median(measured):
+    from students.efficiency import paired_speedup
+
+    _, _, spec, (folder, images, questions) = measured
+    res = paired_speedup(folder, spec, images, questions, rounds=3, device="cpu", backend="torch")
+    assert res["rounds"] == 3 and len(res["student_s"]) == len(res["graph_s"]) == 3
+    assert all(s > 0 for s in res["student_s"] + res["graph_s"])
+    assert res["speedups"] == [g / s for s, g in zip(res["student_s"], res["graph_s"])]
+    assert res["speedup"] == sorted(res["speedups"])[1] and res["backend"] == "torch"
 
 
 def test_compare_on_known_figures():
