@@ -2,8 +2,9 @@
 
 Thin by design: every step is a plain function in ``teachers/record.py``. Tasks are one per
 (node, shard) — never per input — with retries for transient whole-shard failures (per-input
-failures are recorded as quarantines, not retried). Parameters are the pydantic ``Spec`` so the
-Prefect UI renders a typed form.
+failures are recorded as quarantines, not retried). Each shard's records are committed in the
+flow itself, one atomic append (a task run per commit cost more than the commit). Parameters
+are the pydantic ``Spec`` so the Prefect UI renders a typed form.
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ compare like with like on this machine:
   the weights' bytes: memory freed earlier in the process is reused without growing the RSS).
 * ``latency_b{B}_s``: seconds per image when answering batches of B requests (every input once
   per pass, the median of ``repeats`` passes after one untimed pass), from encoded image bytes to
-  outputs (decode included on both sides). The graph runs exactly as the recorder does (``teachers.record.run_shard``: every node
-  in topological order over the batch, each in its own ``batch_size``).
+  outputs (decode included on both sides). The graph runs exactly as the recorder does
+  (``teachers.record.run_shard``: every node in topological order over the batch, each in its
+  own ``batch_size``).
+* ``paired_speedup``: the speed-up read in alternating student / graph rounds (median ratio), the
+  figure to trust on a machine whose speed drifts between two measurements.
 * ``device``: where both sides ran. ``device=`` puts the student and every teacher node there
   (each node's ``device`` setting is overridden), so a CPU figure is a CPU figure even on a
   machine with a GPU; without it each side picks CUDA when present.
@@ -182,7 +185,7 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
                     batch_sizes: Sequence[int] = BATCH_SIZES, repeats: int = 5,
                     device: str | torch.device | None = None, backend: str = "auto") -> dict[str, Any]:
     """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one),
-    on ``backend`` (``StudentPredictor.load``: auto, torch or onnx; the result names the one used)."""
+    on ``backend`` (``StudentPredictor.load``: auto, torch, onnx, onnx-int8; the result names it)."""
     from registry.pull import student_dir
     from students.predictor import StudentPredictor
 

@@ -1,6 +1,6 @@
 """Recording: run the teacher graph over inputs and commit one TeacherRecord per input.
 
-Plain functions, no Prefect: ``flows/record.py`` wraps ``run_node`` and ``commit`` in tasks (one
+Plain functions, no Prefect: ``flows/record.py`` wraps ``run_node`` in tasks (one
 task per (node, shard), never per input); ``record`` here is the same loop without Prefect (used
 by tests and by the benchmark's direct baseline).
 
