@@ -277,8 +277,9 @@ def paired_speedup(model_dir: str | Path, spec, images: Sequence, questions: Seq
         spec = spec_on_device(spec, device)
     device = resolve_device(device)
     predictor = StudentPredictor.load(student_dir(model_dir), device=device, backend=backend)
+    graph = TeacherGraph(spec).load()
     runs = {"student": lambda batch: predictor.predict([{"image": img, "question": q} for img, q in batch]),
-            "graph": graph_runner(TeacherGraph(spec).load())}
+            "graph": graph_runner(graph)}
     key = f"latency_b{batch_size}_s"
     times: dict[str, list[float]] = {"student": [], "graph": []}
     for side, run in runs.items():  # one untimed pass each
@@ -289,7 +290,8 @@ def paired_speedup(model_dir: str | Path, spec, images: Sequence, questions: Seq
     ratios = [g / s for s, g in zip(times["student"], times["graph"])]
     return {"batch_size": batch_size, "rounds": len(ratios), "backend": predictor.backend,
             "speedup": statistics.median(ratios), "speedups": ratios, "student_s": times["student"],
-            "graph_s": times["graph"]}
+            "graph_s": times["graph"], "student_parameters": count_parameters([predictor.model])[0],
+            "graph_parameters": count_parameters(graph_modules(graph))[0]}
 
 
 def graph_modules_of(graph, name: str) -> list[torch.nn.Module]:

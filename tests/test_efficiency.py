@@ -75,6 +75,7 @@ def test_paired_speedup_alternates_rounds_and_takes_the_median(measured):
     assert all(s > 0 for s in res["student_s"] + res["graph_s"])
     assert res["speedups"] == [g / s for s, g in zip(res["student_s"], res["graph_s"])]
     assert res["speedup"] == sorted(res["speedups"])[1] and res["backend"] == "torch"
+    assert res["graph_parameters"] > res["student_parameters"] > 0
 
 
 def test_compare_on_known_figures():
