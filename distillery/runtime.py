@@ -24,8 +24,9 @@ def data_dir() -> Path:
 
 # Services of Prefect's temporary (ephemeral) server that watch workers, leases, pauses and
 # automations: nothing of this process needs them, and their loops share its cores with the
-# teachers (record flow / plain loop, 3 benchmark runs each: 0.96-1.06 with them off, 1.06-1.13 on). The
-# scheduler (deployments' cron under `distillery serve`) and the recorders the UI reads stay on.
+# teachers (record flow / plain loop over 3 benchmark runs each: 0.96-1.06 with them off,
+# 1.06-1.13 on). The scheduler (deployments' cron under `distillery serve`) and the recorders the
+# UI reads stay on.
 EPHEMERAL_SERVICES_OFF = ("LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER",
                           "CANCELLATION_CLEANUP", "TRIGGERS")
 
