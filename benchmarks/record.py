@@ -56,7 +56,7 @@ def store_bytes(uri: str) -> int:
     return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file())
 
 
-def time_direct(spec, inputs: Path, work: Path, traces: str) -> float:
+def time_direct(spec, inputs: Path, traces: str) -> float:
     """What a plain script would do without Prefect: a fresh graph, models loaded, inputs checked,
     the nodes over the same shards, each shard appended to a trace store (the same work as the
     flow, so the ratio is Prefect's own cost: tasks, states, the result of each)."""
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             store = work / f"{side}-{r}.lance"
             shutil.rmtree(store, ignore_errors=True)  # every timed run records all inputs afresh
             if side == "direct":
-                directs.append(time_direct(spec, inputs, work, str(store)))
+                directs.append(time_direct(spec, inputs, str(store)))
             else:
                 traces = str(store)
                 flow_s, first = time_flow(spec, inputs, traces)

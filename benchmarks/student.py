@@ -127,8 +127,9 @@ def backend_agreement(student: Path, images: list[Path], questions: list[str], b
         req = [{"image": str(image), "question": question}]
         (a,), (b,) = fast.predict(req), ref.predict(req)
         same["same_answer"] += a["answer"] == b["answer"]
-        same["same_labels"] += all(sorted(a[n]["labels"]) == sorted(b[n]["labels"]) for n in a if "labels" in a[n])
-        same["same_top_document"] += all(a[n]["ids"][:1] == b[n]["ids"][:1] for n in a if "ids" in a[n])
+        nodes = [n for n, out in a.items() if isinstance(out, dict)]  # ("answer" is the final text)
+        same["same_labels"] += all(sorted(a[n]["labels"]) == sorted(b[n]["labels"]) for n in nodes if "labels" in a[n])
+        same["same_top_document"] += all(a[n]["ids"][:1] == b[n]["ids"][:1] for n in nodes if "ids" in a[n])
     return {"inputs": len(images), **{k: v / max(len(images), 1) for k, v in same.items()}}
 
 

@@ -6,7 +6,8 @@ graph optimizer fuses the convolutions' activations, the layer norms and the att
 export is two graphs in ``<student>/onnx/``:
 
 * ``encoder.onnx``: (images uint8 (B, 3, S, S), question_ids (B, Lq), question_mask (B, Lq)) ->
-  every head's raw outputs (as ``MultimodalStudent.predict_raw``) + the decoder's key/value cache.
+  every head's raw outputs (as ``MultimodalStudent.predict_raw``) and, per answer, its first
+  greedy token, the logits after it and the key/value cache so far.
 * ``step.onnx``: one greedy step: (tokens (B,), positions (B,), segment (B, 1), the cache) ->
   the next token's logits and the extended cache.
 
@@ -73,8 +74,8 @@ def is_current(model_dir: str | Path) -> bool:
     return read_meta(model_dir) is not None
 
 
-def has_int8(model_dir: str | Path) -> bool:
-    meta = read_meta(model_dir)
+def has_int8(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
+    """``meta`` (``read_meta``'s) names an int8 encoder and the file is there."""
     return bool(meta and "int8" in meta and (Path(model_dir) / ONNX_DIR / meta["int8"]["file"]).is_file())
 
 
@@ -247,11 +248,11 @@ class OnnxStudent:
     ``MultimodalStudent.predict_raw``, so the torch heads' ``postprocess`` reads them."""
 
     def __init__(self, onnx_dir: str | Path, cfg, eos_ids: list[int], threads: int | None = None,
-                 int8: bool = False):
+                 int8: bool = False, meta: dict[str, Any] | None = None):
         import onnxruntime as ort
 
         onnx_dir = Path(onnx_dir)
-        self.meta = json.loads((onnx_dir / META_FILE).read_text())
+        self.meta = meta or json.loads((onnx_dir / META_FILE).read_text())
         if int8 and "int8" not in self.meta:
             raise ValueError(f"{onnx_dir}: no int8 encoder (exported without calibration inputs)")
         self.int8 = int8

@@ -76,21 +76,23 @@ class StudentPredictor:
             raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         model = MultimodalStudent.from_pretrained(model_dir, map_location=device).fuse_for_inference()
         on_cpu = torch.device(device).type == "cpu"
+        meta = onnx.read_meta(model_dir) if on_cpu and onnx.available() else None  # current graphs, or None
         if backend.startswith("onnx"):
             if not on_cpu:
                 raise ValueError(f"backend {backend!r} runs on the CPU, not on {device}")
             if not onnx.available():
                 raise ValueError(f"backend {backend!r} needs onnxruntime (pip install onnxruntime)")
-            if not onnx.is_current(model_dir):
+            if meta is None:
                 onnx.export_onnx(model_dir)
-            if backend == "onnx-int8" and not onnx.has_int8(model_dir):
+                meta = onnx.read_meta(model_dir)
+            if backend == "onnx-int8" and not onnx.has_int8(model_dir, meta):
                 raise ValueError(f"{model_dir}: no int8 encoder (training writes it; "
                                  "students.onnx.export_onnx(dir, calibration=...) by hand)")
         elif backend == "auto":
-            backend = ("onnx-int8" if onnx.has_int8(model_dir) else "onnx" if onnx.is_current(model_dir) else "torch") \
-                if on_cpu and onnx.available() else "torch"
+            backend = "torch" if meta is None else "onnx-int8" if onnx.has_int8(model_dir, meta) else "onnx"
         runner = None if backend == "torch" else onnx.OnnxStudent(
-            Path(model_dir) / onnx.ONNX_DIR, model.cfg, model.schema.text["eos_ids"], int8=backend == "onnx-int8")
+            Path(model_dir) / onnx.ONNX_DIR, model.cfg, model.schema.text["eos_ids"], int8=backend == "onnx-int8",
+            meta=meta)
         return cls(model, model.tokenizer, device, runner)
 
     @classmethod
