@@ -5,7 +5,10 @@ The mapping below is fixed (not seeded) so that the shipped teachers stay valid 
 the seed draws scenes and questions, never meanings.
 
 A question needs three things to be answered: the detector's counts per class, the documents that
-say which classes carry the meanings it names, and a few steps of arithmetic or comparison.
+say which classes carry the meanings it names, and a few steps of arithmetic or comparison. The
+``large`` questions also need the segmenter: an object is large when its visible *mask* covers at
+least ``LARGE_AREA`` of the image, which its box does not tell (a triangle fills about half of its
+box, a circle three quarters), so the detector's summary carries the large counts the masks give.
 ``render_trace`` writes those steps out as ``<think> step ; step ... </think> answer``.
 """
 
@@ -35,6 +38,10 @@ MEANINGS: dict[str, tuple[str, ...]] = {
 }
 PLURAL = {m: m + "s" for m in MEANINGS}
 DECORATION = ("yellow square", "green triangle")
+
+LARGE_AREA = 0.03
+"""An object is large when its visible mask covers at least this fraction of the image (the yolo
+node's ``large_area``)."""
 
 PROMPT_TEMPLATE = "objects: {detector.summary}\nfacts: {retriever.context}\nquestion: {request.question}\nanswer:"
 """The reasoner's prompt, exactly as the demo spec writes it (the lead's spec uses this string)."""
@@ -140,7 +147,7 @@ def write_kb(path: Path) -> None:
 @dataclass(frozen=True)
 class Question:
     text: str
-    type: str  # count | compare | which | sum | rule
+    type: str  # count | large | compare | which | sum | rule
     meanings: tuple[str, ...]  # the meanings it counts, in the order the question names them
     rule: str | None = None
 
@@ -156,6 +163,7 @@ def question_bank() -> list[Question]:
     names = list(MEANINGS)
     pairs = [(a, b) for a in names for b in names if a != b]
     qs = [Question(f"How many {PLURAL[m]} are there?", "count", (m,)) for m in names]
+    qs += [Question(f"How many large {PLURAL[m]} are there?", "large", (m,)) for m in names]
     qs += [Question(f"Are there more {PLURAL[a]} than {PLURAL[b]}?", "compare", (a, b)) for a, b in pairs]
     qs += [Question(f"Which are there more of, {PLURAL[a]} or {PLURAL[b]}?", "which", (a, b))
            for a, b in pairs if a < b]
@@ -165,7 +173,7 @@ def question_bank() -> list[Question]:
     return qs
 
 
-QUESTION_TYPES = ("count", "compare", "which", "sum", "rule")
+QUESTION_TYPES = ("count", "large", "compare", "which", "sum", "rule")
 
 
 def sample_questions(rng: np.random.Generator, n: int) -> list[Question]:
@@ -198,12 +206,15 @@ def _rule_holds(rule: str, n: dict[str, int]) -> bool:
     raise KeyError(f"unknown rule {rule!r}")
 
 
-def answer(question: Question, labels: list[str]) -> str:
-    """The ground-truth answer (a number, yes/no, or a word) for a scene's object labels."""
+def answer(question: Question, labels: list[str], large: list[str] = ()) -> str:
+    """The ground-truth answer (a number, yes/no, or a word) for a scene's object labels and the
+    labels of its large objects."""
     n = meaning_counts(labels)
     m = question.meanings
     if question.type == "count":
         return str(n[m[0]])
+    if question.type == "large":
+        return str(meaning_counts(list(large))[m[0]])
     if question.type == "sum":
         return str(n[m[0]] + n[m[1]])
     if question.type == "compare":
@@ -227,13 +238,14 @@ def find_question(text: str) -> Question:
 # Reasoning traces
 # ---------------------------------------------------------------------------------------------
 
-def _count_steps(meaning: str, labels: list[str]) -> tuple[list[str], int]:
-    """'hazard is red triangle , yellow triangle' ; 'red triangle 2 + yellow triangle 0 = 2'."""
+def _count_steps(meaning: str, labels: list[str], prefix: str = "") -> tuple[list[str], int]:
+    """'hazard is red triangle , yellow triangle' ; 'hazards = red triangle 2 + yellow triangle 0 = 2'
+    (``prefix`` 'large ': 'large hazards = ...', counting the large objects' labels)."""
     counts = Counter(labels)
     classes = MEANINGS[meaning]
     total = sum(counts[c] for c in classes)
     terms = " + ".join(f"{c} {counts[c]}" for c in classes)
-    return [f"{meaning} is {' , '.join(classes)}", f"{PLURAL[meaning]} = {terms} = {total}"], total
+    return [f"{meaning} is {' , '.join(classes)}", f"{prefix}{PLURAL[meaning]} = {terms} = {total}"], total
 
 
 def _rule_steps(rule: str, n: dict[str, int]) -> list[str]:
@@ -247,13 +259,18 @@ def _rule_steps(rule: str, n: dict[str, int]) -> list[str]:
     return ["balanced when valves = pumps", f"{n['valve']} = {n['pump']}"]
 
 
-def render_trace(labels: list[str], question: Question | str) -> str:
-    """``<think> step ; step ... </think> answer`` for a scene's labels and a question.
+def render_trace(labels: list[str], question: Question | str, large: list[str] = ()) -> str:
+    """``<think> step ; step ... </think> answer`` for a scene's labels (and its large objects'
+    labels) and a question.
 
     The steps look up which classes carry each meaning the question names (the facts), count them
-    in the scene (the detections), then add, compare or apply the rule. Lowercase, words and
-    symbols separated by spaces so a word-level tokenizer sees one token per word or number."""
+    in the scene (the detections, or the large ones), then add, compare or apply the rule.
+    Lowercase, words and symbols separated by spaces so a word-level tokenizer sees one token per
+    word or number."""
     q = find_question(question) if isinstance(question, str) else question
+    if q.type == "large":
+        steps = _count_steps(q.meanings[0], list(large), "large ")[0]
+        return f"<think> {' ; '.join(steps)} </think> {answer(q, labels, large)}"
     steps: list[str] = []
     for m in q.meanings:
         steps += _count_steps(m, labels)[0]

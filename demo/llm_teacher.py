@@ -38,6 +38,7 @@ class LLMTrainConfig(BaseModel):
     top_ks: tuple[int, ...] = Field((3, 4, 5), description="Retriever top-k values mixed in training.")
     max_objects: int = Field(8, ge=1, description="Most objects in a training scene.")
     focus: float = Field(0.5, ge=0, le=1, description="Chance a counted class is in a training scene.")
+    large: float = Field(0.5, ge=0, le=1, description="Chance an object of a training scene is large.")
     eval_every: int = Field(250, ge=1, description="Log held-out answer accuracy every so many steps.")
     threads: int = Field(1, ge=1, description="torch threads (shares the cores with YOLO training).")
     seed: int = 0
@@ -50,10 +51,10 @@ class LLMTrainConfig(BaseModel):
 def world_text() -> list[str]:
     """Every kind of text the model reads or writes, for the tokenizer's vocabulary."""
     texts = [d.text for d in kb.knowledge_base()] + [q.text for q in kb.question_bank()]
-    texts += [kb.build_prompt(kb.describe_detections(list(kb.CLASSES)), "", "")]
+    texts += [kb.build_prompt(kb.describe_detections(list(kb.CLASSES), list(kb.CLASSES)), "", "")]
     texts += [" ".join(str(i) for i in range(64)), "nothing neither yes no x", " ".join(kb.PLURAL.values())]
     labels = list(kb.CLASSES)
-    texts += [kb.render_trace(labels, q) for q in kb.question_bank()]
+    texts += [kb.render_trace(labels, q, labels) for q in kb.question_bank()]
     return texts
 
 
@@ -82,9 +83,10 @@ def build_tokenizer(class_tokens: bool = True):
 # ---------------------------------------------------------------------------------------------
 
 def sample_labels(rng: np.random.Generator, max_objects: int, question: kb.Question,
-                  focus: float) -> list[str]:
-    """A scene's labels for training on ``question``: each class the question counts is present
-    (1-3 times) with probability ``focus``, the rest of the scene is random classes.
+                  focus: float, large: float = 0.0) -> tuple[list[str], list[str]]:
+    """A scene's labels for training on ``question``, and the labels of its large objects: each
+    class the question counts is present (1-3 times) with probability ``focus``, the rest of the
+    scene is random classes; each object is large with probability ``large``.
 
     Scenes drawn like the world's leave most counted classes absent (12 classes, ~4 objects), and
     a model then learns to answer "0" without looking; the focus forces it to look them up."""
@@ -95,13 +97,15 @@ def sample_labels(rng: np.random.Generator, max_objects: int, question: kb.Quest
                 labels += [c] * int(rng.integers(1, 4))
     n_other = int(rng.integers(0, max(max_objects - len(labels), 0) + 1))
     labels += [kb.CLASSES[i] for i in rng.integers(len(kb.CLASSES), size=n_other)]
-    return [labels[i] for i in rng.permutation(len(labels))]
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    return labels, [c for c in labels if rng.random() < large]
 
 
-def example(labels: list[str], question: kb.Question, context: str) -> tuple[str, str]:
-    """(prompt, target) for one scene and question."""
-    prompt = kb.build_prompt(kb.describe_detections(labels), context, question.text)
-    return prompt, " " + kb.render_trace(labels, question)
+def example(labels: list[str], question: kb.Question, context: str,
+            large: list[str] = ()) -> tuple[str, str]:
+    """(prompt, target) for one scene (its labels and its large objects' labels) and question."""
+    prompt = kb.build_prompt(kb.describe_detections(labels, list(large)), context, question.text)
+    return prompt, " " + kb.render_trace(labels, question, list(large))
 
 
 def encode_pair(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -135,9 +139,9 @@ class ExampleStream:
         out = []
         for _ in range(n):
             q = kb.sample_questions(self.rng, 1)[0]
-            labels = sample_labels(self.rng, self.cfg.max_objects, q, self.cfg.focus)
+            labels, large = sample_labels(self.rng, self.cfg.max_objects, q, self.cfg.focus, self.cfg.large)
             k = self.cfg.top_ks[self.rng.integers(len(self.cfg.top_ks))]
-            out.append(example(labels, q, self.contexts[k][q.text][0]))
+            out.append(example(labels, q, self.contexts[k][q.text][0], large))
         return out
 
 

@@ -70,15 +70,16 @@ PRESETS = {
 
 
 def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Path, preset: str) -> Path:
-    """The demo's spec: a YOLO segmenter, a MiniLM+FAISS retriever and a reasoning LLM."""
-    from demo.kb import PROMPT_TEMPLATE
+    """The demo's spec: a YOLO segmenter (whose masks say which objects are large), a MiniLM+FAISS
+    retriever and a reasoning LLM."""
+    from demo.kb import LARGE_AREA, PROMPT_TEMPLATE
 
     spec = {
         "name": name,
         "inputs": {"default_question": "How many hazards are there?"},
         "teachers": {
             "detector": {"type": "yolo", "weights": str(yolo_weights), "task": "segment",
-                         "imgsz": 160, "conf": 0.25, "batch_size": 16},
+                         "imgsz": 160, "conf": 0.25, "batch_size": 16, "large_area": LARGE_AREA},
             "retriever": {"type": "rag", "documents": str(kb), "embedder": "all-MiniLM-L6-v2",
                           "query": "{request.question}", "top_k": 4,
                           "cache_dir": str(path.parent / "cache" / "rag-index")},

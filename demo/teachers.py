@@ -4,8 +4,13 @@
 
 * ``full``: the weights shipped in ``demo/assets/`` (checked against ``demo/assets/SHA256SUMS``
   before anything loads them), unless ``retrain=True``;
-* ``tiny`` (or ``full`` with ``retrain``): trained, then cached under ``out_dir`` by a fingerprint
-  of the world config and the training configs, so a second call reuses them.
+* ``tiny`` (or ``full`` with ``retrain``): trained, then cached under ``out_dir`` by the teachers'
+  fingerprints, so a second call reuses them.
+
+Each teacher has its own fingerprint (``fingerprints``): the YOLO teacher's is the world config and
+its training config (the scenes it sees), the LLM's is the text it reads and writes (knowledge
+base, questions, summary and trace format, ``llm_teacher.world_text``) and its training config. A
+change to the questions therefore retrains the LLM only (``--only llm``), never the segmenter.
 
 ``train_teachers(world, preset, out_dir)`` is the seeded command that produced the shipped assets:
 ``python -m demo.teachers --preset full --world WORLD_DIR --out demo/assets``.
@@ -139,7 +144,8 @@ def finalize(out_dir: Path, world: World, preset: str, metrics: dict) -> Teacher
     cfg = _preset(preset)
     record = {"metrics": metrics, "preset": preset, "world": world.config.model_dump(),
               "world_digest": world_digest(world.config),
-              "train": cfg.model_dump(mode="json"), "fingerprint": fingerprint(world.config, preset),
+              "train": cfg.model_dump(mode="json"), "fingerprints": fingerprints(world.config, preset),
+              "fingerprint": fingerprint(world.config, preset),
               "command": f"python -m demo.teachers --preset {preset} --world WORLD_DIR --out {out_dir}"}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=1))
     write_sums(out_dir)
@@ -196,11 +202,29 @@ def _preset(name: str) -> TrainPreset:
     return PRESETS[name]
 
 
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprints(world_cfg: WorldConfig, preset: str) -> dict[str, str]:
+    """Per teacher, a hash of what it was trained on: ``yolo``: the world config and its training
+    config; ``llm``: every text it reads or writes (``world_text``) and its training config."""
+    from demo.llm_teacher import world_text
+
+    cfg = _preset(preset)
+    return {"yolo": _hash({"world": world_cfg.model_dump(), "train": cfg.yolo.model_dump(mode="json")}),
+            "llm": _hash({"text": world_text(), "train": cfg.llm.model_dump(mode="json")})}
+
+
 def fingerprint(world_cfg: WorldConfig, preset: str) -> str:
-    """Hash of the world config and the preset's training configs (names a cached teacher set)."""
-    blob = json.dumps({"world": world_cfg.model_dump(), "train": _preset(preset).model_dump(mode="json")},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """One hash of both teachers' fingerprints (names a cached teacher set)."""
+    return _hash(fingerprints(world_cfg, preset))
+
+
+def stale_teachers(record: dict, world_cfg: WorldConfig, preset: str) -> list[str]:
+    """The teachers of a ``metrics.json`` record whose fingerprint is not this code's."""
+    have = record.get("fingerprints") or {}
+    return [name for name, fp in fingerprints(world_cfg, preset).items() if have.get(name) != fp]
 
 
 def load_artifacts(root: Path) -> TeacherArtifacts:
@@ -214,11 +238,12 @@ def ensure_teachers(world: World, preset: Literal["tiny", "full"], out_dir: str 
     _preset(preset)
     if preset == "full" and not retrain:
         verify_assets(ASSETS)
-        shipped = json.loads((ASSETS / "metrics.json").read_text()).get("fingerprint")
-        if shipped != fingerprint(world.config, preset):
-            raise AssetError(f"the shipped demo teachers ({ASSETS}) were trained for another world or training "
-                             f"config (fingerprint {shipped}, this one {fingerprint(world.config, preset)}): "
-                             "rebuild them with `distillery demo --train-teachers`")
+        stale = stale_teachers(json.loads((ASSETS / "metrics.json").read_text()), world.config, preset)
+        if stale:
+            raise AssetError(f"the shipped demo teachers ({ASSETS}) were trained for another world, knowledge "
+                             f"base or training config (stale: {', '.join(stale)}): rebuild them with "
+                             "`distillery demo --train-teachers`, or retrain only those with `python -m "
+                             f"demo.teachers --world WORLD_DIR --out {ASSETS} --only {stale[0]}` then `--only evaluate`")
         return check_floor(load_artifacts(ASSETS))
     root = Path(out_dir) / f"{preset}-{fingerprint(world.config, preset)}"
     if (root / "metrics.json").exists() and not retrain:

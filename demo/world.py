@@ -8,7 +8,8 @@
         images/00000.png ...            RGB scenes
         labels/00000.txt ...            YOLO polygon labels (next to images/, as Ultralytics expects)
         requests.jsonl                  {"image": "images/x.png", "question": ...} (record's input)
-        annotations.json                per image: boxes, masks (COCO RLE), classes, labels;
+        annotations.json                per image: boxes, masks (COCO RLE), classes, labels, the
+                                        labels of the large objects (kb.LARGE_AREA);
                                         per request: question, answer, type, needed doc ids
     out_dir/yolo/data.yaml              the Ultralytics segmentation dataset
 
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from demo import kb
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: large objects and the questions about them
 RGB = {"red": (215, 35, 35), "green": (35, 165, 60), "blue": (35, 75, 215), "yellow": (235, 205, 30)}
 
 
@@ -204,6 +205,8 @@ def image_record(file: str, objects: list[SceneObject], size: int) -> dict:
     return {
         "file": file, "width": size, "height": size,
         "labels": [o.label for o in objects],
+        # objects whose visible mask covers at least kb.LARGE_AREA of the image
+        "large": [o.label for o in objects if o.mask.sum() >= kb.LARGE_AREA * size * size],
         "objects": [{"class_id": o.class_id, "label": o.label, "box": o.box,
                      "box_norm": [round(v / size, 6) for v in o.box],
                      "area": int(o.mask.sum()), "mask": encode_rle(o.mask)} for o in objects],
@@ -257,7 +260,7 @@ def _write_images(cfg: WorldConfig, d: Path, split: str, indices: range) -> tupl
         images.append(rec)
         rng = np.random.default_rng([cfg.seed, SPLITS.index(split), i, 1])
         for q in kb.sample_questions(rng, cfg.questions_per_image):
-            requests.append({"image": rec["file"], "question": q.text, "answer": kb.answer(q, rec["labels"]),
+            requests.append({"image": rec["file"], "question": q.text, "answer": kb.answer(q, rec["labels"], rec["large"]),
                              "type": q.type, "needed_docs": q.needed_docs})
     return images, requests
 

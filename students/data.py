@@ -58,7 +58,8 @@ def usable_output(record: TeacherRecord, name: str) -> dict | None:
 
 
 def yolo_target(out: dict, node: dict, proto: int, flip: bool) -> dict[str, torch.Tensor]:
-    """boxes (N, 4), probs (N, C) (the teacher's per-class scores), masks (N, proto, proto) uint8.
+    """boxes (N, 4), probs (N, C) (the teacher's per-class scores), masks (N, proto, proto) uint8,
+    areas (N,) (each mask's share of the image).
     An empty ``out`` gives N = 0 (the shapes the batch needs for an input without a target)."""
     boxes = torch.as_tensor(np.asarray(out.get("boxes", []), dtype=np.float32)).reshape(-1, 4)  # (N, 4)
     n, C = len(boxes), node["num_classes"]
@@ -78,10 +79,15 @@ def yolo_target(out: dict, node: dict, proto: int, flip: bool) -> dict[str, torc
 
         full = torch.as_tensor(np.stack([rle_to_mask(r) for r in rles]), dtype=torch.float32)  # (N, H, W)
         masks = (F.interpolate(full[:, None], size=(proto, proto), mode="area")[:, 0] * 255).round().to(torch.uint8)
+    areas = torch.zeros(n)  # mask area, fraction of the image (stored, or from the masks)
+    if has_masks and n:
+        stored = out.get("areas")
+        areas = (torch.as_tensor(np.asarray(stored, dtype=np.float32)) if stored is not None and len(stored) == n
+                 else full.flatten(1).mean(1))
     if flip:
         boxes = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
         masks = masks.flip(-1)
-    return {"boxes": boxes.clamp(0, 1), "probs": probs_t.clamp(0, 1), "masks": masks,
+    return {"boxes": boxes.clamp(0, 1), "probs": probs_t.clamp(0, 1), "masks": masks, "areas": areas,
             "has_masks": torch.tensor(has_masks)}
 
 
@@ -255,6 +261,7 @@ def _collate_yolo(all_ts: list[dict], ts: list[dict | None]) -> dict[str, torch.
     return {"mask": torch.tensor([t is not None for t in ts]), "boxes": boxes,
             "valid": _lengths_mask([t["boxes"] for t in all_ts], boxes.shape[1]),
             "probs": _pad([t["probs"] for t in all_ts], 0.0), "masks": _pad([t["masks"] for t in all_ts], 0),
+            "areas": _pad([t["areas"] for t in all_ts], 0.0),
             "has_masks": torch.stack([t["has_masks"] for t in all_ts])}
 
 

@@ -75,6 +75,32 @@ class Head(nn.Module):
         auxiliary tasks."""
         return []
 
+    def mask_areas(self, out: dict[str, Tensor]) -> Tensor:
+        """Per location, the share of the image its instance mask covers (logit > 0 inside its own
+        box, on the prototypes' stride-4 grid): (B, P). Static shapes, so it traces into ONNX."""
+        logits = torch.einsum("bpm,bmk->bpk", out["coef"].float(), out["protos"].float().flatten(2))  # (B, P, K)
+        px, py = self.proto_points[:, 0], self.proto_points[:, 1]  # (K,)
+        b = out["boxes"][..., None]  # (B, P, 4, 1)
+        inside = (px >= b[:, :, 0]) & (px <= b[:, :, 2]) & (py >= b[:, :, 1]) & (py <= b[:, :, 3])  # (B, P, K)
+        return ((logits > 0) & inside).float().mean(-1)
+
+    def large_counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+        """Large objects per class (B, C) (mask area >= ``large_area``): the teacher's masks' in
+        training, the head's own at inference (like ``counts``)."""
+        with torch.no_grad():
+            scores, classes, _ = self.peak_scores(out["cls"])
+            kept = scores > self.thresholds()[0]  # (B, P)
+            if "coef" in out:  # (a text-only echo step's empty outputs have no masks: nothing seen)
+                kept = kept & (self.mask_areas(out) >= self.large_area)
+            else:
+                kept = torch.zeros_like(kept)
+            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept.float())  # (B, C)
+            if target is None:
+                return own
+            valid = (target["valid"] & target["mask"][:, None] & (target["areas"] >= self.large_area)).float()
+            teacher = torch.zeros_like(own).scatter_add_(1, target["probs"].argmax(-1), valid)  # (B, C)
+            return torch.where(target["mask"][:, None], teacher, own)
+
     def prefix_len(self) -> int:
         """Most tokens ``prefix_embeds`` adds (sizes the decoder's position table)."""
         return 0
@@ -140,8 +166,20 @@ class DetectionHead(Head):
         if self.segment:
             self.coef = nn.Conv2d(w, cfg.num_prototypes, 1)
             self.proto = nn.Sequential(conv_bn_act(c4, c4), nn.Conv2d(c4, cfg.num_prototypes, 1))
+        # teacher node's large_area: the slots (or summary) also carry how many objects per class
+        # have a mask that covers at least this fraction of the image
+        self.large_area = node.get("large_area") if self.segment else None
         if cfg.detection_summary == "slots":
             self.count_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+            if self.large_area is not None:
+                self.large_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+                self.large_embed = nn.Embedding(cfg.max_count + 1, cfg.d_model)
+                nn.init.normal_(self.large_embed.weight, std=0.02)
+        if self.large_area is not None:
+            q = cfg.image_size // 4  # the prototypes' grid
+            c = (torch.arange(q, dtype=torch.float32) + 0.5) / q
+            py, px = torch.meshgrid(c, c, indexing="ij")
+            self.register_buffer("proto_points", torch.stack([px, py], -1).view(-1, 2), persistent=False)  # (K, 2)
         n = cfg.image_size // 8
         centers = (torch.arange(n, dtype=torch.float32) + 0.5) / n
         gy, gx = torch.meshgrid(centers, centers, indexing="ij")
@@ -206,19 +244,26 @@ class DetectionHead(Head):
         if mode == "none":
             return None
         counts = self.counts(out, target).round()  # (B, C)
+        large = self.large_counts(out, target).round() if self.large_area is not None else None  # (B, C)
         if mode == "slots":
-            return self.slots(counts, tokenizer, embed), torch.ones(counts.shape, dtype=torch.bool, device=counts.device)
-        ids, valid = self.summary_ids(counts, tokenizer)
+            return (self.slots(counts, tokenizer, embed, large),
+                    torch.ones(counts.shape, dtype=torch.bool, device=counts.device))
+        ids, valid = self.summary_ids(counts, tokenizer, large)
         return embed(ids.to(counts.device)), valid.to(counts.device)
 
-    def slots(self, counts: Tensor, tokenizer, embed: nn.Embedding) -> Tensor:
+    def slots(self, counts: Tensor, tokenizer, embed: nn.Embedding, large: Tensor | None = None) -> Tensor:
         """(B, C) counts -> (B, C, d): class c's slot = its name's embedding + the embedding of the
-        number n + n * ``count_vec``. Fixed positions and every class present (zeros too), so a
-        question's classes are found by what they are, and sums of counts are linear."""
+        number n + n * ``count_vec`` (+ with ``large_area``, a learned embedding of its number of
+        large objects + that number * ``large_vec``). Fixed positions and every class present
+        (zeros too), so a question's classes are found by what they are, and sums are linear."""
         names, numbers = self.token_tables(tokenizer, counts.device)  # (C, Ln), (max_count + 1, Lk) ids, -1 pad
         n = counts.long().clamp(0, self.cfg.max_count)  # (B, C)
-        return (mean_embed(embed, names)[None] + mean_embed(embed, numbers)[n]
+        slot = (mean_embed(embed, names)[None] + mean_embed(embed, numbers)[n]
                 + counts.clamp(max=self.cfg.max_count)[..., None] * self.count_vec)
+        if large is not None:
+            k = large.clamp(max=self.cfg.max_count)
+            slot = slot + self.large_embed(k.long()) + k[..., None] * self.large_vec
+        return slot
 
     def token_tables(self, tokenizer, device: torch.device) -> tuple[Tensor, Tensor]:
         """Token ids of every class name and of the numbers 0..max_count (padded with -1),
@@ -231,16 +276,19 @@ class DetectionHead(Head):
                                  (names[: self.num_classes], [str(k) for k in range(self.cfg.max_count + 1)]))
         return self._tables
 
-    def summary_ids(self, counts: Tensor, tokenizer) -> tuple[Tensor, Tensor]:
-        """The detection summary ("blue square x1, red circle x2", ``describe_detections``) as
-        token ids (B, L) and validity: what the teacher LLM read in its prompt."""
+    def summary_ids(self, counts: Tensor, tokenizer, large: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The detection summary ("blue square x1, red circle x2 (1 large)", ``describe_detections``)
+        as token ids (B, L) and validity: what the teacher LLM read in its prompt."""
         from teachers.yolo import describe_detections
 
         names = self.node.get("class_names", [])
+        name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
+        big = large.long().tolist() if large is not None else [None] * len(counts)
         rows = []
-        for row in counts.long().tolist():  # (C,) per input
-            labels = [names[c] if c < len(names) else str(c) for c, n in enumerate(row) for _ in range(n)]
-            rows.append(tokenizer(describe_detections(labels), add_special_tokens=False)["input_ids"]
+        for row, brow in zip(counts.long().tolist(), big):  # (C,) per input
+            labels = [name(c) for c, n in enumerate(row) for _ in range(n)]
+            large_labels = None if brow is None else [name(c) for c, n in enumerate(brow) for _ in range(n)]
+            rows.append(tokenizer(describe_detections(labels, large_labels), add_special_tokens=False)["input_ids"]
                         [: self.cfg.max_summary_tokens])
         ids = padded(rows, "cpu")
         return ids.clamp(min=0), ids >= 0
@@ -261,7 +309,7 @@ class DetectionHead(Head):
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
         NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
-        from teachers.yolo import describe_detections, mask_to_rle
+        from teachers.yolo import describe_detections, large_labels, mask_to_rle
 
         conf, iou, max_det = self.thresholds()
         scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
@@ -277,7 +325,11 @@ class DetectionHead(Head):
                "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
         if self.segment:
             logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
-            res["masks"] = [mask_to_rle(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
+            masks = list(instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w)))
+            res["masks"] = [mask_to_rle(m) for m in masks]
+            res["areas"] = [round(float(m.sum()) / (h * w), 6) for m in masks]
+            if self.large_area is not None:
+                res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
         return res
 
 

@@ -88,7 +88,7 @@ def _yolo_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:
     num = max(num, max(names, default=-1) + 1, 1)
     return {"type": "yolo", "task": cfg.task, "num_classes": num,
             "class_names": [names.get(i, str(i)) for i in range(num)],
-            "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det}
+            "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det, "large_area": getattr(cfg, "large_area", None)}
 
 
 def _rag_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, register_node
 
@@ -35,20 +35,40 @@ class YoloConfig(NodeConfig):
     iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold.")
     max_det: int = Field(100, ge=1)
     device: str | None = Field(None, description="torch device; None = auto.")
+    large_area: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="task segment: an object whose mask covers at least this fraction of the image is "
+                    "large, and the summary says how many of each class are ('red circle x2 (1 large)').")
 
     OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"boxes", "classes", "scores", "class_probs", "masks", "labels", "summary", "count", "image_size"}
+        {"boxes", "classes", "scores", "class_probs", "masks", "areas", "labels", "summary", "count", "image_size"}
     )
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("weights",)
 
+    @model_validator(mode="after")
+    def _large_needs_masks(self) -> YoloConfig:
+        if self.large_area is not None and self.task != "segment":
+            raise ValueError("large_area is measured on the masks: it needs task: segment")
+        return self
+
 
 # -- helpers other modules use ----------------------------------------------------------------
-def describe_detections(labels: list[str]) -> str:
+def describe_detections(labels: list[str], large: list[str] | None = None) -> str:
     """Counts per label, sorted by label: ``"blue square x1, red circle x2"``; ``"nothing"`` if none.
 
-    Teacher summaries and the demo's ground truth both go through this, so prompts match."""
-    counts = Counter(labels)
-    return ", ".join(f"{label} x{counts[label]}" for label in sorted(counts)) or "nothing"
+    ``large``: the labels of the large objects (a sub-multiset of ``labels``, from the masks'
+    areas); a label with some gets their count, ``"red circle x2 (1 large)"``. Teacher summaries,
+    the student's and the demo's ground truth all go through this, so prompts match."""
+    counts, big = Counter(labels), Counter(large or ())
+    return ", ".join(f"{label} x{counts[label]}" + (f" ({big[label]} large)" if big[label] else "")
+                     for label in sorted(counts)) or "nothing"
+
+
+def large_labels(labels: list[str], areas: list[float], large_area: float | None) -> list[str] | None:
+    """The labels whose mask area (fraction of the image) reaches ``large_area``; None when unset."""
+    if large_area is None:
+        return None
+    return [label for label, a in zip(labels, areas, strict=True) if a >= large_area]
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -172,12 +192,16 @@ class YoloNode(TeacherNode):
         _check_aligned(probs, boxes.conf, boxes.cls)
         keep = torch.ones(len(boxes), dtype=torch.bool)
         masks: list[dict[str, Any]] = []
+        areas: list[float] = []
         if self.config.task == "segment" and result.masks is not None:
             data = result.masks.data.cpu()  # (N, h', w') at inference size, letterboxed
             keep = data.flatten(1).amax(1) > 0  # Ultralytics drops boxes whose mask is empty
-            masks = [mask_to_rle(_unletterbox(m, (h, w))) for m in data[keep]]
+            full = [_unletterbox(m, (h, w)) for m in data[keep]]  # (h, w) uint8 each
+            masks = [mask_to_rle(m) for m in full]
+            areas = [round(float(m.sum()) / (h * w), 6) for m in full]
         classes = boxes.cls.cpu()[keep].numpy().astype(np.int32)  # (N,)
         labels = [self.names[int(c)] for c in classes]
+        large = large_labels(labels, areas, self.config.large_area) if len(areas) == len(labels) else None
         return {
             "boxes": boxes.xyxyn.cpu()[keep].numpy().astype(np.float32),  # (N, 4) xyxy in 0..1
             "classes": classes,
@@ -185,7 +209,8 @@ class YoloNode(TeacherNode):
             "class_probs": probs.cpu()[keep].numpy().astype(np.float32),  # (N, C) independent sigmoids
             "labels": labels,
             "masks": masks,
-            "summary": describe_detections(labels),
+            "areas": areas,  # (N,) mask area, fraction of the image (segment)
+            "summary": describe_detections(labels, large),
             "count": len(labels),
             "image_size": [int(h), int(w)],
         }

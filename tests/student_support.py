@@ -23,11 +23,12 @@ from teachers.yolo import describe_detections, mask_to_rle
 CLASSES = ["red box", "blue box"]
 COLOURS = {"red box": (220, 30, 30), "blue box": (30, 60, 220)}
 WORDS = ("<pad> <unk> <eos> <think> </think> how many red blue boxes are there ? is any box "
-         "zero one two three yes no + = count x1 x2 x1, x2,").split()  # + the detector summaries' words
+         "zero one two three yes no + = count x1 x2 x1, x2, (1 (2 large) large),").split()  # + the detector summaries' words
 DOCS = [{"id": "doc-red", "text": "Red boxes are hot."}, {"id": "doc-blue", "text": "Blue boxes are cold."},
         {"id": "doc-x", "text": "Nothing here."}]
 NUMBERS = ["zero", "one", "two", "three"]
 K = 4  # stored top-k
+LARGE_AREA = 0.2  # the detector's large_area: a box covering a fifth of its image is large
 
 # (image width, height, [(class, x1, y1, x2, y2) in pixels], question, answer)
 SCENES = [
@@ -55,8 +56,9 @@ def write_graph(root: Path, segment: bool = True) -> Path:
     (root / "kb.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     spec = {"name": "student-test", "inputs": {"default_question": "how many red boxes are there ?"},
             "teachers": {
-                "detector": {"type": "yolo", "weights": "yolo11n-seg.yaml",
-                             "task": "segment" if segment else "detect"},
+                "detector": {"type": "yolo", "weights": "yolo11n-seg.yaml", "task": "segment",
+                             "large_area": LARGE_AREA} if segment else
+                            {"type": "yolo", "weights": "yolo11n-seg.yaml", "task": "detect"},
                 "retriever": {"type": "rag", "documents": "kb.jsonl", "top_k": 2},
                 "reasoner": {"type": "llm", "model": "llm", "prompt": "{detector.summary} {request.question}"}}}
     path = root / "spec.yaml"
@@ -79,15 +81,17 @@ def detector_output(w: int, h: int, objects, rng) -> dict:
     classes = np.array([CLASSES.index(o[0]) for o in objects], np.int32)
     probs = rng.uniform(0.0, 0.1, (len(objects), len(CLASSES))).astype(np.float32)
     probs[np.arange(len(objects)), classes] = rng.uniform(0.7, 0.95, len(objects))
-    masks = []
+    masks, areas = [], []
     for _, x1, y1, x2, y2 in objects:
         m = np.zeros((h, w), np.uint8)
         m[y1:y2, x1:x2] = 1
         masks.append(mask_to_rle(m))
+        areas.append(float(m.mean()))
     labels = [CLASSES[c] for c in classes]
+    large = [lab for lab, a in zip(labels, areas) if a >= LARGE_AREA]
     return {"boxes": boxes, "classes": classes, "scores": probs[np.arange(len(objects)), classes].astype(np.float32),
-            "class_probs": probs, "labels": labels, "masks": masks, "summary": describe_detections(labels),
-            "count": len(labels), "image_size": [h, w]}
+            "class_probs": probs, "labels": labels, "masks": masks, "areas": areas,
+            "summary": describe_detections(labels, large), "count": len(labels), "image_size": [h, w]}
 
 
 def retriever_output(question: str) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 from demo import kb, retrieval
 from demo.teachers import (ASSETS, FLOOR, LLM_DIR, YOLO_FILE, AssetError, ensure_teachers, fingerprint,
-                           verify_assets)
+                           fingerprints, stale_teachers, verify_assets)
 from demo.world import WorldConfig, build_world, world_digest
 
 
@@ -81,7 +81,23 @@ def test_shipped_full_assets_pass_their_checksums_and_meet_the_floor():
     # the assets were trained on the world this code draws for the full preset
     full = WorldConfig.preset("full")
     assert record["fingerprint"] == fingerprint(full, "full")
+    assert record["fingerprints"] == fingerprints(full, "full")
     assert record["world_digest"] == world_digest(full)
+
+
+def test_each_teacher_has_its_own_fingerprint(monkeypatch):
+    """A new question changes what the LLM reads and writes, not what the segmenter sees: only the
+    LLM's fingerprint moves, so only the LLM is retrained."""
+    full = WorldConfig.preset("full")
+    before = fingerprints(full, "full")
+    record = {"fingerprints": before}
+    assert stale_teachers(record, full, "full") == []
+    assert stale_teachers(record, full.model_copy(update={"n_train": 10}), "full") == ["yolo"]  # other scenes
+    bank = kb.question_bank()
+    monkeypatch.setattr(kb, "question_bank", lambda: bank + [kb.Question("How many beacons?", "count", ("beacon",))])
+    after = fingerprints(full, "full")
+    assert after["yolo"] == before["yolo"] and after["llm"] != before["llm"]
+    assert stale_teachers(record, full, "full") == ["llm"]
 
 
 def test_a_corrupted_or_missing_asset_fails_with_a_clear_message(tmp_path):

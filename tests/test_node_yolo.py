@@ -19,7 +19,7 @@ from teachers.base import ItemError, NodeInput
 from teachers.yolo import YoloConfig, YoloNode, describe_detections, mask_to_rle, rle_to_mask
 
 NAMES = {0: "red circle", 1: "blue square", 2: "green triangle"}
-KEYS = {"boxes", "classes", "scores", "class_probs", "labels", "masks", "summary", "count", "image_size"}
+KEYS = {"boxes", "classes", "scores", "class_probs", "labels", "masks", "areas", "summary", "count", "image_size"}
 SIZES = [(70, 100), (64, 64), (90, 50)]  # (H, W): non-square on purpose, to catch H/W mix-ups
 
 
@@ -89,6 +89,14 @@ def test_describe_detections_counts_sorted_by_label():
     assert describe_detections(["red circle", "blue square", "red circle"]) == "blue square x1, red circle x2"
     assert describe_detections(["b", "a", "c", "a"]) == "a x2, b x1, c x1"
     assert describe_detections([]) == "nothing"
+    assert (describe_detections(["red circle", "blue square", "red circle"], ["red circle"])
+            == "blue square x1, red circle x2 (1 large)")
+    assert describe_detections(["a"], []) == "a x1"
+
+
+def test_large_area_needs_masks():
+    with pytest.raises(ValueError, match="large_area is measured on the masks"):
+        YoloConfig(weights="m.pt", task="detect", large_area=0.03)
 
 
 def test_rle_round_trip_is_json_and_keeps_hw():
@@ -129,7 +137,7 @@ def test_detect_outputs(nodes, images):
     assert len(outs) == 3
     for out, hw in zip(outs, SIZES):
         _check_common(out, hw)
-        assert out["masks"] == []
+        assert out["masks"] == [] and out["areas"] == []
 
 
 def test_segment_outputs_masks_at_original_size_inside_boxes(nodes, images):
@@ -146,6 +154,22 @@ def test_segment_outputs_masks_at_original_size_inside_boxes(nodes, images):
             slack = 2  # bilinear resize from inference size may spill a pixel
             assert xs.min() >= x1 * w - slack and xs.max() <= x2 * w + slack
             assert ys.min() >= y1 * h - slack and ys.max() <= y2 * h + slack
+        assert out["areas"] == pytest.approx([rle_to_mask(r).sum() / (h * w) for r in out["masks"]], abs=1e-6)
+
+
+def test_large_area_counts_large_masks_in_the_summary(weights, images):
+    """With ``large_area``, the summary says how many of each class have a mask that large."""
+    outs = YoloNode("segment", YoloConfig(weights=str(weights["segment"]), task="segment", imgsz=96,
+                                          conf=0.3, max_det=8)).run(_inputs(images))
+    areas = sorted(a for o in outs for a in o["areas"])
+    threshold = areas[len(areas) // 2]  # about half the masks are large
+    node = YoloNode("segment", YoloConfig(weights=str(weights["segment"]), task="segment", imgsz=96,
+                                          conf=0.3, max_det=8, large_area=threshold))
+    outs = node.run(_inputs(images))
+    for out in outs:
+        large = [lab for lab, a in zip(out["labels"], out["areas"]) if a >= threshold]
+        assert out["summary"] == describe_detections(out["labels"], large)
+    assert any("large)" in o["summary"] for o in outs)
 
 
 @pytest.mark.parametrize("task", ["detect", "segment"])

@@ -137,10 +137,15 @@ def test_detection_summary_is_the_teachers_in_training_and_the_heads_own_at_infe
     assert head.counts(out, batch["targets"]["detector"]).tolist() == teacher
     assert head.counts(out, None).tolist() == teacher  # after overfitting, its own detections agree
     assert head.counts(out | {"cls": torch.full_like(out["cls"], -9.0)}, None).sum() == 0
-    ids, valid = head.summary_ids(head.counts(out, batch["targets"]["detector"]), tok)  # 'text': (B, L)
+    target = batch["targets"]["detector"]
+    large = [[sum(c == k and a >= head.large_area for c, a in zip(r.outputs["detector"]["classes"].tolist(),
+                                                                 r.outputs["detector"]["areas"])) for k in range(2)]
+             for r in setup["records"]]
+    assert head.large_counts(out, target).tolist() == large and sum(map(sum, large)) > 0  # the masks' areas
+    ids, valid = head.summary_ids(head.counts(out, target), tok, head.large_counts(out, target))  # 'text': (B, L)
     summaries = [tok.decode(i[v]) for i, v in zip(ids, valid)]
     assert summaries == [r.outputs["detector"]["summary"] for r in setup["records"]]  # the teacher's words
-    assert summaries[2] == "red box x2"
+    assert summaries[2] == "red box x2 (1 large)"  # one of them covers more than LARGE_AREA of the image
     # 'slots' (the default): one token per class at a fixed place, which only its count changes
     emb, valid = head.prefix_embeds(out, batch["targets"]["detector"], tok, model.decoder.tok_embed)
     assert emb.shape == (len(teacher), 2, model.cfg.d_model) and valid.all()

@@ -105,10 +105,12 @@ def _meanings_from_kb(docs: list[dict]) -> dict[str, set[str]]:
     return out
 
 
-def _expected(question: str, n: dict[str, int]) -> str:
+def _expected(question: str, n: dict[str, int], n_large: dict[str, int]) -> str:
     """Answers written from the questions' wording and the rule documents, independently."""
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(n[m.group(1)])
+    if m := re.fullmatch(r"How many large (\w+)s are there\?", question):
+        return str(n_large[m.group(1)])
     if m := re.fullmatch(r"How many (\w+)s and (\w+)s are there in total\?", question):
         return str(n[m.group(1)] + n[m.group(2)])
     if m := re.fullmatch(r"Are there more (\w+)s than (\w+)s\?", question):
@@ -133,16 +135,35 @@ def test_answers_agree_with_scene_and_kb(worlds):
     for split in SPLITS:
         ann = w.annotations(split)
         labels = {im["file"]: im["labels"] for im in ann["images"]}
+        # large: the visible mask covers at least 3% of the image, read from the masks themselves
+        large = {im["file"]: [o["label"] for o in im["objects"]
+                              if decode_rle(o["mask"]).mean() >= 0.03] for im in ann["images"]}
         lines = [json.loads(x) for x in w.requests_path(split).read_text().splitlines()]
         assert lines == [{"image": r["image"], "question": r["question"]} for r in ann["requests"]]
         for r in ann["requests"]:
-            counts = Counter(labels[r["image"]])
+            counts, big = Counter(labels[r["image"]]), Counter(large[r["image"]])
             n = {m: sum(counts[c] for c in classes) for m, classes in meanings.items()}
-            assert r["answer"] == _expected(r["question"], n), r
+            n_large = {m: sum(big[c] for c in classes) for m, classes in meanings.items()}
+            assert r["answer"] == _expected(r["question"], n, n_large), r
             assert r["needed_docs"] and set(r["needed_docs"]) <= ids
             assert (w.split_dir(split) / r["image"]).exists()
             seen_types[r["type"]] += 1
     assert set(seen_types) == set(kb.QUESTION_TYPES)
+
+
+def test_large_questions_need_the_masks_not_the_boxes(worlds):
+    """Whether an object is large depends on its mask: objects of the same box area differ (a
+    triangle fills about half its box), so a box-area rule would get some large answers wrong."""
+    images = [im for split in SPLITS for im in worlds[0].annotations(split)["images"]]
+    objs = [o for im in images for o in im["objects"]]
+    size = images[0]["width"] ** 2
+    large = [o["area"] >= kb.LARGE_AREA * size for o in objs]
+    assert 0.2 < np.mean(large) < 0.8
+    fill = {s: np.mean([o["area"] / ((o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]))
+                        for o in objs if o["label"].endswith(s)]) for s in kb.SHAPES}
+    assert fill["triangle"] < 0.6 < fill["square"]
+    for im in images:
+        assert sorted(im["large"]) == sorted(o["label"] for o in im["objects"] if o["area"] >= kb.LARGE_AREA * size)
 
 
 def test_yolo_dataset_yaml(worlds):
@@ -162,5 +183,9 @@ def test_prompt_and_trace():
     trace = kb.render_trace(["red triangle", "red triangle", "green square"], "Is the area safe?")
     assert trace.startswith("<think> ") and " </think> " in trace
     assert "= 2" in trace and kb.parse_answer(trace) == "no"
+    assert (kb.render_trace(["red triangle", "red triangle"], "How many large hazards are there?", ["red triangle"])
+            == "<think> hazard is red triangle , yellow triangle ; large hazards = red triangle 1 + yellow triangle 0"
+               " = 1 </think> 1")
+    assert kb.describe_detections(["red circle", "red circle"], ["red circle"]) == "red circle x2 (1 large)"
     with pytest.raises(KeyError, match="not one of the demo world's templates"):
         kb.render_trace([], "What is the meaning of life?")
