@@ -250,7 +250,7 @@ def _count_steps(meaning: str, labels: list[str], prefix: str = "") -> tuple[lis
 
 def _rule_steps(rule: str, n: dict[str, int]) -> list[str]:
     if rule == "safe":
-        return [f"safe when exits >= hazards", f"{n['exit']} >= {n['hazard']}"]
+        return ["safe when exits >= hazards", f"{n['exit']} >= {n['hazard']}"]
     if rule == "alarm":
         return ["alarm when hazards >= 2", f"{n['hazard']} >= 2"]
     if rule == "monitored":

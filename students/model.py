@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from students.config import StudentConfig
 from students.data import StudentSchema, load_tokenizer
 from students.decoding import answer_limit, greedy_decode
-from students.heads import Features, Segment, conv_bn_act, head_class
+from students.heads import Features, conv_bn_act, head_class
 from students.losses import LossBalancer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

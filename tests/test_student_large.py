@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from students.heads import DetectionHead, Features
+from students.detection import DetectionHead
+from students.heads import Features
 from students.masks import instance_masks
 from student_support import tiny_config
 

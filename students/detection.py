@@ -1,0 +1,233 @@
+"""The detection head (teacher node type ``yolo``): boxes, class distributions and instance masks
+from the stride-8 features, and what the text decoder reads of them (per-class count slots, with
+the number of large objects per class when the teacher node has ``large_area``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from students import losses
+from students.config import StudentConfig
+from students.heads import Features, Head, conv_bn_act, mean_embed, padded, register_head
+from students.masks import instance_masks
+
+
+# ---------------------------------------------------------------------------------------------
+# yolo -> detection (+ instance masks)
+# ---------------------------------------------------------------------------------------------
+
+@register_head("yolo")
+class DetectionHead(Head):
+    """Anchor-free head on the stride-8 features: per location class scores (CenterNet heatmaps
+    peaking at the teacher's per-class scores) and box distances l, t, r, b (trained at FCOS
+    positives); with task segment, YOLACT prototypes (stride 4) and per-location coefficients."""
+
+    reads_text = False
+
+    def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
+        super().__init__(name, node, cfg)
+        c4, c8, w = cfg.vision_widths[1], cfg.vision_widths[2], cfg.det_width
+        self.num_classes, self.segment = int(node["num_classes"]), node.get("task") == "segment"
+        self.tower = nn.Sequential(conv_bn_act(c8, w), conv_bn_act(w, w))
+        self.cls = nn.Conv2d(w, self.num_classes, 1)
+        self.box = nn.Conv2d(w, 4, 1)
+        nn.init.constant_(self.cls.bias, -4.6)  # prior 0.01 (RetinaNet)
+        if self.segment:
+            self.coef = nn.Conv2d(w, cfg.num_prototypes, 1)
+            self.proto = nn.Sequential(conv_bn_act(c4, c4), nn.Conv2d(c4, cfg.num_prototypes, 1))
+        # teacher node's large_area: the slots (or summary) also carry how many objects per class
+        # have a mask that covers at least this fraction of the image
+        self.large_area = node.get("large_area") if self.segment else None
+        if cfg.detection_summary == "slots":
+            self.count_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+            if self.large_area is not None:
+                self.large_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+                self.large_embed = nn.Embedding(cfg.max_count + 1, cfg.d_model)
+                nn.init.normal_(self.large_embed.weight, std=0.02)
+        if self.large_area is not None:
+            q = cfg.image_size // 4  # the prototypes' grid
+            c = (torch.arange(q, dtype=torch.float32) + 0.5) / q
+            py, px = torch.meshgrid(c, c, indexing="ij")
+            self.register_buffer("proto_points", torch.stack([px, py], -1).view(-1, 2), persistent=False)  # (K, 2)
+        n = cfg.image_size // 8
+        centers = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        gy, gx = torch.meshgrid(centers, centers, indexing="ij")
+        self.register_buffer("points", torch.stack([gx, gy], -1).view(-1, 2), persistent=False)  # (P, 2)
+        self.stride = 1.0 / n  # one stride, normalized
+
+    def forward(self, feats: Features) -> dict[str, Tensor]:
+        x = self.tower(feats.maps["p8"])  # (B, w, S/8, S/8)
+        flat = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  (B, c, H, W) -> (B, P, c)
+        dist = F.softplus(flat(self.box(x)).float()) * self.stride  # (B, P, 4) normalized l, t, r, b
+        boxes = torch.cat([self.points - dist[..., :2], self.points + dist[..., 2:]], -1)  # (B, P, 4) xyxy
+        out = {"cls": flat(self.cls(x)), "boxes": boxes}  # (B, P, C) logits, (B, P, 4)
+        if self.segment:
+            out["coef"] = flat(self.coef(x))  # (B, P, M)
+            out["protos"] = self.proto(feats.maps["p4"])  # (B, M, S/4, S/4)
+        return out
+
+    def empty_outputs(self, B: int, device: torch.device) -> dict[str, Tensor]:
+        return {"cls": torch.full((B, len(self.points), self.num_classes), -30.0, device=device)}
+
+    # -- what the text decoder reads: detections per class ------------------------------------
+    def thresholds(self) -> tuple[float, float, int]:
+        node, cfg = self.node, self.cfg
+        conf = cfg.det_conf if cfg.det_conf is not None else node.get("conf", 0.25)
+        iou = cfg.det_iou if cfg.det_iou is not None else node.get("iou", 0.7)
+        return conf, iou, cfg.max_det or node.get("max_det", 100)
+
+    def peak_scores(self, cls_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Heatmap peaks (3 x 3 local maxima, CenterNet): per location the best peak class and
+        its score, and every class score. cls_logits (B, P, C) -> (B, P), (B, P), (B, P, C)."""
+        probs = cls_logits.float().sigmoid()  # (B, P, C)
+        B, P, C = probs.shape
+        n = self.cfg.image_size // 8  # the stride-8 grid (P = n * n), static for tracing
+        grid = probs.transpose(1, 2).reshape(B, C, n, n)
+        peaks = (grid == F.max_pool2d(grid, 3, 1, 1)).reshape(B, C, P).transpose(1, 2)  # (B, P, C)
+        scores, classes = (probs * peaks).max(-1)
+        return scores, classes, probs
+
+    def counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+        """Detections per class (B, C): the teacher's where the batch has them (training), else
+        the head's own (peaks above the confidence threshold)."""
+        with torch.no_grad():
+            scores, classes, _ = self.peak_scores(out["cls"])
+            kept = (scores > self.thresholds()[0]).float()  # (B, P)
+            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept)  # (B, C)
+            if target is None:
+                return own
+            valid = (target["valid"] & target["mask"][:, None]).float()  # (B, N)
+            labels = target["probs"].argmax(-1)  # (B, N): a teacher box's class is its best score's
+            teacher = torch.zeros_like(own).scatter_add_(1, labels, valid)  # (B, C)
+            return torch.where(target["mask"][:, None], teacher, own)
+
+    def mask_areas(self, out: dict[str, Tensor]) -> Tensor:
+        """Per location, the share of the image its instance mask covers (logit > 0 inside its own
+        box, on the prototypes' stride-4 grid): (B, P). Static shapes, so it traces into ONNX."""
+        logits = torch.einsum("bpm,bmk->bpk", out["coef"].float(), out["protos"].float().flatten(2))  # (B, P, K)
+        px, py = self.proto_points[:, 0], self.proto_points[:, 1]  # (K,)
+        b = out["boxes"][..., None]  # (B, P, 4, 1)
+        inside = (px >= b[:, :, 0]) & (px <= b[:, :, 2]) & (py >= b[:, :, 1]) & (py <= b[:, :, 3])  # (B, P, K)
+        return ((logits > 0) & inside).float().mean(-1)
+
+    def large_counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+        """Large objects per class (B, C) (mask area >= ``large_area``): the teacher's masks' in
+        training, the head's own at inference (like ``counts``)."""
+        with torch.no_grad():
+            scores, classes, _ = self.peak_scores(out["cls"])
+            kept = scores > self.thresholds()[0]  # (B, P)
+            if "coef" in out:  # (a text-only echo step's empty outputs have no masks: nothing seen)
+                kept = kept & (self.mask_areas(out) >= self.large_area)
+            else:
+                kept = torch.zeros_like(kept)
+            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept.float())  # (B, C)
+            if target is None:
+                return own
+            valid = (target["valid"] & target["mask"][:, None] & (target["areas"] >= self.large_area)).float()
+            teacher = torch.zeros_like(own).scatter_add_(1, target["probs"].argmax(-1), valid)  # (B, C)
+            return torch.where(target["mask"][:, None], teacher, own)
+
+    def prefix_len(self) -> int:
+        mode = self.cfg.detection_summary
+        return self.num_classes if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
+
+    def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
+                      embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
+        """What the text decoder reads of the detections (``detection_summary``): per-class slots,
+        or the summary text, from the teacher's counts in training and the head's own at inference."""
+        mode = self.cfg.detection_summary
+        if mode == "none":
+            return None
+        counts = self.counts(out, target).round()  # (B, C)
+        large = self.large_counts(out, target).round() if self.large_area is not None else None  # (B, C)
+        if mode == "slots":
+            return (self.slots(counts, tokenizer, embed, large),
+                    torch.ones(counts.shape, dtype=torch.bool, device=counts.device))
+        ids, valid = self.summary_ids(counts, tokenizer, large)
+        return embed(ids.to(counts.device)), valid.to(counts.device)
+
+    def slots(self, counts: Tensor, tokenizer, embed: nn.Embedding, large: Tensor | None = None) -> Tensor:
+        """(B, C) counts -> (B, C, d): class c's slot = its name's embedding + the embedding of the
+        number n + n * ``count_vec`` (+ with ``large_area``, a learned embedding of its number of
+        large objects + that number * ``large_vec``). Fixed positions and every class present
+        (zeros too), so a question's classes are found by what they are, and sums are linear."""
+        names, numbers = self.token_tables(tokenizer, counts.device)  # (C, Ln), (max_count + 1, Lk) ids, -1 pad
+        n = counts.long().clamp(0, self.cfg.max_count)  # (B, C)
+        slot = (mean_embed(embed, names)[None] + mean_embed(embed, numbers)[n]
+                + counts.clamp(max=self.cfg.max_count)[..., None] * self.count_vec)
+        if large is not None:
+            k = large.clamp(max=self.cfg.max_count)
+            slot = slot + self.large_embed(k.long()) + k[..., None] * self.large_vec
+        return slot
+
+    def token_tables(self, tokenizer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Token ids of every class name and of the numbers 0..max_count (padded with -1),
+        built once per tokenizer: a name or a number may be several tokens."""
+        if getattr(self, "_tables", None) is None or self._tables[0].device != device:
+            names = self.node.get("class_names") or [str(c) for c in range(self.num_classes)]
+            names = list(names) + [str(c) for c in range(len(names), self.num_classes)]
+            ids = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] or [0] for t in texts]  # noqa: E731
+            self._tables = tuple(padded(ids(texts), device) for texts in
+                                 (names[: self.num_classes], [str(k) for k in range(self.cfg.max_count + 1)]))
+        return self._tables
+
+    def summary_ids(self, counts: Tensor, tokenizer, large: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The detection summary ("blue square x1, red circle x2 (1 large)", ``describe_detections``)
+        as token ids (B, L) and validity: what the teacher LLM read in its prompt."""
+        from teachers.yolo import describe_detections
+
+        names = self.node.get("class_names", [])
+        name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
+        big = large.long().tolist() if large is not None else [None] * len(counts)
+        rows = []
+        for row, brow in zip(counts.long().tolist(), big):  # (C,) per input
+            labels = [name(c) for c, n in enumerate(row) for _ in range(n)]
+            large_labels = None if brow is None else [name(c) for c, n in enumerate(brow) for _ in range(n)]
+            rows.append(tokenizer(describe_detections(labels, large_labels), add_special_tokens=False)["input_ids"]
+                        [: self.cfg.max_summary_tokens])
+        ids = padded(rows, "cpu")
+        return ids.clamp(min=0), ids >= 0
+
+    def loss(self, out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        mask, valid = target["mask"], target["valid"] & target["mask"][:, None]  # (B,), (B, N)
+        boxes, cfg = target["boxes"], self.cfg
+        matched = losses.fcos_assign(self.points, boxes, valid, self.stride, cfg.det_center_radius)  # (B, P)
+        heat = losses.center_heatmaps(self.points, boxes, valid, target["probs"], self.stride)  # (B, P, C)
+        total = losses.detection_loss(out["cls"], out["boxes"], self.points, matched, heat, boxes, mask,
+                                      valid.sum(), cfg.box_weight)
+        if self.segment:
+            pos = (matched >= 0) & (target["has_masks"] & mask)[:, None]
+            m = losses.mask_loss(out["coef"], out["protos"], matched, pos, target["masks"].float() / 255, boxes)
+            total = total + cfg.mask_weight * m
+        return total
+
+    def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
+        NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
+        from teachers.yolo import describe_detections, large_labels, mask_to_rle
+
+        conf, iou, max_det = self.thresholds()
+        scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
+        keep = (scores > conf).nonzero().view(-1)
+        keep = keep[scores[keep].argsort(descending=True)[: max(4 * max_det, 100)]]
+        boxes = out["boxes"][i].float().clamp(0, 1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], iou)][:max_det]
+        names = self.node.get("class_names", [])
+        labels = [names[c] if c < len(names) else str(c) for c in classes[keep].tolist()]
+        h, w = image_size
+        res = {"boxes": boxes[keep].tolist(), "classes": classes[keep].tolist(), "scores": scores[keep].tolist(),
+               "class_probs": probs[keep].tolist(), "labels": labels, "masks": [],
+               "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
+        if self.segment:
+            logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
+            masks = list(instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w)))
+            res["masks"] = [mask_to_rle(m) for m in masks]
+            res["areas"] = [round(float(m.sum()) / (h * w), 6) for m in masks]
+            if self.large_area is not None:
+                res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
+        return res
