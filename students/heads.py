@@ -51,6 +51,8 @@ def register_head(key: str):
 
 def head_class(key: str) -> type["Head"]:
     """The head for a teacher node type, failing with the known keys."""
+    from students import detection  # noqa: F401  (the yolo head, in its own module, registers on import)
+
     try:
         return HEADS[key]
     except KeyError:
@@ -206,6 +208,3 @@ class AnswerHead(Head):
 
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         return {"answer": out["answer"][i]}
-
-
-from students.detection import DetectionHead  # noqa: E402,F401  (registers the "yolo" head)
