@@ -45,10 +45,9 @@ class DetectionHead(Head):
         self.large_area = node.get("large_area") if self.segment else None
         if cfg.detection_summary == "slots":
             self.count_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
-            if self.large_area is not None:
+            if self.large_area is not None:  # a second slot per class: its large objects
                 self.large_vec = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
-                self.large_embed = nn.Embedding(cfg.max_count + 1, cfg.d_model)
-                nn.init.normal_(self.large_embed.weight, std=0.02)
+                self.large_tag = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
         if self.large_area is not None:
             q = cfg.image_size // 4  # the prototypes' grid
             c = (torch.arange(q, dtype=torch.float32) + 0.5) / q
@@ -119,6 +118,9 @@ class DetectionHead(Head):
         """Large objects per class (B, C) (mask area >= ``large_area``): the teacher's masks' in
         training, the head's own at inference (like ``counts``)."""
         with torch.no_grad():
+            if target is not None and bool(target["mask"].all()):  # training: the teacher's for every input
+                valid = (target["valid"] & (target["areas"] >= self.large_area)).float()  # (B, N)
+                return valid.new_zeros(valid.shape[0], self.num_classes).scatter_add_(1, target["probs"].argmax(-1), valid)
             scores, classes, _ = self.peak_scores(out["cls"])
             kept = scores > self.thresholds()[0]  # (B, P)
             if "coef" in out:  # (a text-only echo step's empty outputs have no masks: nothing seen)
@@ -134,7 +136,8 @@ class DetectionHead(Head):
 
     def prefix_len(self) -> int:
         mode = self.cfg.detection_summary
-        return self.num_classes if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
+        slots = self.num_classes * (1 if self.large_area is None else 2)
+        return slots if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
 
     def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
                       embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
@@ -146,24 +149,27 @@ class DetectionHead(Head):
         counts = self.counts(out, target).round()  # (B, C)
         large = self.large_counts(out, target).round() if self.large_area is not None else None  # (B, C)
         if mode == "slots":
-            return (self.slots(counts, tokenizer, embed, large),
-                    torch.ones(counts.shape, dtype=torch.bool, device=counts.device))
+            slots = self.slots(counts, tokenizer, embed, large)  # (B, C or 2C, d)
+            return slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=counts.device)
         ids, valid = self.summary_ids(counts, tokenizer, large)
         return embed(ids.to(counts.device)), valid.to(counts.device)
 
     def slots(self, counts: Tensor, tokenizer, embed: nn.Embedding, large: Tensor | None = None) -> Tensor:
         """(B, C) counts -> (B, C, d): class c's slot = its name's embedding + the embedding of the
-        number n + n * ``count_vec`` (+ with ``large_area``, a learned embedding of its number of
-        large objects + that number * ``large_vec``). Fixed positions and every class present
-        (zeros too), so a question's classes are found by what they are, and sums are linear."""
+        number n + n * ``count_vec``. Fixed positions and every class present (zeros too), so a
+        question's classes are found by what they are, and sums of counts are linear. With
+        ``large`` (B, C), C more slots follow: name + ``large_tag`` + number of large objects
+        embedded the same way (with ``large_vec``): (B, 2C, d)."""
         names, numbers = self.token_tables(tokenizer, counts.device)  # (C, Ln), (max_count + 1, Lk) ids, -1 pad
-        n = counts.long().clamp(0, self.cfg.max_count)  # (B, C)
-        slot = (mean_embed(embed, names)[None] + mean_embed(embed, numbers)[n]
-                + counts.clamp(max=self.cfg.max_count)[..., None] * self.count_vec)
-        if large is not None:
-            k = large.clamp(max=self.cfg.max_count)
-            slot = slot + self.large_embed(k.long()) + k[..., None] * self.large_vec
-        return slot
+        name_e, number_e = mean_embed(embed, names)[None], mean_embed(embed, numbers)  # (1, C, d), (K, d)
+
+        def slot(n: Tensor, vec: Tensor) -> Tensor:
+            n = n.clamp(0, self.cfg.max_count)
+            return name_e + number_e[n.long()] + n[..., None] * vec  # (B, C, d)
+
+        if large is None:
+            return slot(counts, self.count_vec)
+        return torch.cat([slot(counts, self.count_vec), slot(large, self.large_vec) + self.large_tag], 1)
 
     def token_tables(self, tokenizer, device: torch.device) -> tuple[Tensor, Tensor]:
         """Token ids of every class name and of the numbers 0..max_count (padded with -1),

@@ -56,6 +56,30 @@ def test_every_stage_runs_and_report_json_holds_the_figures_and_paths(demo_runs)
     assert rep["paths"]["traces_train"] in rep["commands"]["read_traces"]
 
 
+def test_the_segmenters_masks_reach_the_reasoners_prompt(demo_runs):
+    """All four node types matter: the detector's labels, the segmenter's mask areas (which objects
+    are large), the retriever's documents and the reasoner's reasoning meet in the prompt."""
+    import yaml
+
+    from demo import kb
+    from teachers.store import TraceStore
+    from teachers.yolo import describe_detections, large_labels, rle_to_mask
+
+    rep = demo_runs["cold_report"]
+    spec = yaml.safe_load(Path(rep["paths"]["spec"]).read_text())
+    assert spec["teachers"]["detector"]["large_area"] == kb.LARGE_AREA
+    records = TraceStore(rep["paths"]["traces_train"]).read(status="ok", with_images=False)
+    assert records
+    for r in records:
+        det, prompt = r.outputs["detector"], r.outputs["reasoner"]["prompt"]
+        assert len(det["areas"]) == len(det["masks"]) == len(det["labels"])
+        for rle, area in zip(det["masks"], det["areas"]):
+            assert area == pytest.approx(rle_to_mask(rle).mean(), abs=1e-6)
+        summary = describe_detections(det["labels"], large_labels(det["labels"], det["areas"], kb.LARGE_AREA))
+        assert det["summary"] == summary and prompt.startswith(f"objects: {summary}\nfacts: ")
+        assert r.outputs["retriever"]["context"] in prompt and r.question in prompt
+
+
 def test_a_warm_run_reuses_everything_and_still_reports_the_student(demo_runs):
     cold, warm = demo_runs["cold_report"]["figures"], demo_runs["warm_report"]["figures"]
     assert warm["record_train"]["written"] == 0

@@ -73,4 +73,6 @@ def test_slots_carry_the_large_counts():
     counts = torch.tensor([[2.0, 1.0, 0.0]])
     a = head.slots(counts, build_tokenizer(), embed, torch.tensor([[1.0, 0.0, 0.0]]))
     b = head.slots(counts, build_tokenizer(), embed, torch.tensor([[2.0, 0.0, 0.0]]))
-    assert not torch.allclose(a[0, 0], b[0, 0]) and torch.equal(a[0, 1:], b[0, 1:])
+    assert a.shape == (1, 6, cfg.d_model) and head.prefix_len() == 6  # a count slot and a large slot per class
+    assert torch.equal(a[:, :3], head.slots(counts, build_tokenizer(), embed))  # the count slots as without sizes
+    assert not torch.allclose(a[0, 3], b[0, 3]) and torch.equal(a[0, 4:], b[0, 4:])  # only class a's large slot moves

@@ -148,7 +148,7 @@ def test_detection_summary_is_the_teachers_in_training_and_the_heads_own_at_infe
     assert summaries[2] == "red box x2 (1 large)"  # one of them covers more than LARGE_AREA of the image
     # 'slots' (the default): one token per class at a fixed place, which only its count changes
     emb, valid = head.prefix_embeds(out, batch["targets"]["detector"], tok, model.decoder.tok_embed)
-    assert emb.shape == (len(teacher), 2, model.cfg.d_model) and valid.all()
+    assert emb.shape == (len(teacher), 4, model.cfg.d_model) and valid.all()  # count slots, then large slots
     torch.testing.assert_close(emb[0, 0], emb[1, 0])  # one red box in both scenes
     assert not torch.allclose(emb[0, 0], emb[2, 0])  # one red box vs two
     torch.testing.assert_close(emb[0, 1], emb[2, 1])  # no blue box in either
