@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -265,12 +266,25 @@ def _write_images(cfg: WorldConfig, d: Path, split: str, indices: range) -> tupl
     return images, requests
 
 
-def _write_split(cfg: WorldConfig, root: Path, split: str) -> None:
-    """One split's images, labels, requests and annotations."""
+def _write_split(cfg: WorldConfig, root: Path, split: str, workers: int = 1) -> None:
+    """One split's images, labels, requests and annotations; ``workers`` processes draw disjoint
+    ranges of its scenes (each scene is seeded by its index, so the bytes do not depend on them)."""
     d = root / split
     (d / "images").mkdir(parents=True)
     (d / "labels").mkdir()
-    images, requests = _write_images(cfg, d, split, range(cfg.split_size(split)))
+    n = cfg.split_size(split)
+    chunks = [range(i, min(i + 50, n)) for i in range(0, n, 50)]
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold threads (Prefect's server, torch) a fork would copy mid-lock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_write_images, *zip(*[(cfg, d, split, c) for c in chunks])))
+    else:
+        parts = [_write_images(cfg, d, split, c) for c in chunks]
+    images = [im for part in parts for im in part[0]]
+    requests = [r for part in parts for r in part[1]]
     (d / "requests.jsonl").write_text(
         "".join(json.dumps({"image": r["image"], "question": r["question"]}) + "\n" for r in requests))
     (d / "annotations.json").write_text(json.dumps({"images": images, "requests": requests}))
@@ -320,8 +334,9 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> World:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kb.write_kb(tmp / "kb.jsonl")
+    workers = min(2, os.cpu_count() or 1)  # drawing is single-threaded numpy and PIL work
     for split in SPLITS:
-        _write_split(cfg, tmp, split)
+        _write_split(cfg, tmp, split, workers)
     (tmp / "world.json").write_text(json.dumps(_stamp(cfg), indent=1))
     if out.exists():
         out.rmdir()

@@ -105,26 +105,36 @@ class DetectionHead(Head):
             teacher = torch.zeros_like(own).scatter_add_(1, labels, valid)  # (B, C)
             return torch.where(target["mask"][:, None], teacher, own)
 
-    def mask_areas(self, out: dict[str, Tensor]) -> Tensor:
-        """Per location, the share of the image its instance mask covers (logit > 0 inside its own
-        box, on the prototypes' stride-4 grid): (B, P). Static shapes, so it traces into ONNX."""
-        logits = torch.einsum("bpm,bmk->bpk", out["coef"].float(), out["protos"].float().flatten(2))  # (B, P, K)
+    def mask_areas(self, out: dict[str, Tensor], idx: Tensor | None = None) -> Tensor:
+        """Per location (or per location in ``idx`` (B, N)), the share of the image its instance
+        mask covers (logit > 0 inside its own box, on the prototypes' stride-4 grid): (B, P) or
+        (B, N). Static shapes, so it traces into ONNX."""
+        coef, boxes = out["coef"].float(), out["boxes"]  # (B, P, M), (B, P, 4)
+        if idx is not None:
+            coef = coef.gather(1, idx[..., None].expand(-1, -1, coef.shape[-1]))  # (B, N, M)
+            boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))  # (B, N, 4)
+        logits = torch.einsum("bpm,bmk->bpk", coef, out["protos"].float().flatten(2))  # (B, P, K)
         px, py = self.proto_points[:, 0], self.proto_points[:, 1]  # (K,)
-        b = out["boxes"][..., None]  # (B, P, 4, 1)
+        b = boxes[..., None]  # (B, P, 4, 1)
         inside = (px >= b[:, :, 0]) & (px <= b[:, :, 2]) & (py >= b[:, :, 1]) & (py <= b[:, :, 3])  # (B, P, K)
         return ((logits > 0) & inside).float().mean(-1)
 
     def large_counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
         """Large objects per class (B, C) (mask area >= ``large_area``): the teacher's masks' in
-        training, the head's own at inference (like ``counts``)."""
+        training, the head's own at inference: among its ``max_det`` strongest peaks (as the
+        teacher keeps at most max_det boxes), those above the threshold with a mask that large
+        (masks for those peaks only: a fraction of the work of every location's)."""
         with torch.no_grad():
             if target is not None and bool(target["mask"].all()):  # training: the teacher's for every input
                 valid = (target["valid"] & (target["areas"] >= self.large_area)).float()  # (B, N)
                 return valid.new_zeros(valid.shape[0], self.num_classes).scatter_add_(1, target["probs"].argmax(-1), valid)
             scores, classes, _ = self.peak_scores(out["cls"])
-            kept = scores > self.thresholds()[0]  # (B, P)
+            conf, _, max_det = self.thresholds()
+            scores, idx = scores.topk(min(max_det, scores.shape[1]), dim=1)  # (B, N) strongest peaks
+            classes = classes.gather(1, idx)  # (B, N)
+            kept = scores > conf
             if "coef" in out:  # (a text-only echo step's empty outputs have no masks: nothing seen)
-                kept = kept & (self.mask_areas(out) >= self.large_area)
+                kept = kept & (self.mask_areas(out, idx) >= self.large_area)
             else:
                 kept = torch.zeros_like(kept)
             own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept.float())  # (B, C)

@@ -12,7 +12,7 @@ from students.masks import instance_masks
 from student_support import tiny_config
 
 NODE = {"type": "yolo", "task": "segment", "num_classes": 3, "class_names": ["a", "b", "c"],
-        "conf": 0.25, "iou": 0.7, "max_det": 20, "large_area": 0.05}
+        "conf": 0.25, "iou": 0.7, "max_det": 100, "large_area": 0.05}  # max_det >= P: every peak counts
 
 
 def _outputs(head: DetectionHead, cfg, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,6 +62,11 @@ def test_large_counts_are_the_teachers_in_training_and_the_heads_own_at_inferenc
     expected = torch.zeros(2, 3).scatter_add_(1, classes, kept.float())
     assert torch.equal(own, expected) and own.sum() > 0
     assert (own <= head.counts(out, None)).all()  # large objects are some of the objects
+    # with max_det, only the strongest peaks count (masks computed for them alone), as the teacher keeps max_det
+    head.node = {**NODE, "max_det": 3}
+    top = scores.topk(3, dim=1)
+    kept3 = torch.zeros_like(kept).scatter_(1, top.indices, True) & kept
+    assert torch.equal(head.large_counts(out, None), torch.zeros(2, 3).scatter_add_(1, classes, kept3.float()))
 
 
 def test_slots_carry_the_large_counts():
