@@ -225,7 +225,7 @@ class DetectionHead(Head):
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
         NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
-        from teachers.yolo import describe_detections, large_labels, mask_to_rle
+        from teachers.yolo import describe_detections, large_labels, mask_to_rle, rle_area
 
         conf, iou, max_det = self.thresholds()
         scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
@@ -241,9 +241,8 @@ class DetectionHead(Head):
                "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
         if self.segment:
             logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
-            masks = list(instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w)))
-            res["masks"] = [mask_to_rle(m) for m in masks]
-            res["areas"] = [round(float(m.sum()) / (h * w), 6) for m in masks]
+            res["masks"] = [mask_to_rle(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
+            res["areas"] = [round(rle_area(r) / (h * w), 6) for r in res["masks"]]
             if self.large_area is not None:
                 res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
         return res

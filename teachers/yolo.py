@@ -77,6 +77,13 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def rle_area(rle: dict[str, Any]) -> int:
+    """Pixels of a COCO RLE mask (``counts`` as str or bytes), counted on the runs, not the pixels."""
+    counts = rle["counts"]
+    return int(mask_utils.area({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str)
+                                else counts}))
+
+
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """COCO RLE (``counts`` as str or bytes) -> (H, W) uint8 mask of 0/1."""
     counts = rle["counts"]
@@ -196,9 +203,8 @@ class YoloNode(TeacherNode):
         if self.config.task == "segment" and result.masks is not None:
             data = result.masks.data.cpu()  # (N, h', w') at inference size, letterboxed
             keep = data.flatten(1).amax(1) > 0  # Ultralytics drops boxes whose mask is empty
-            full = [_unletterbox(m, (h, w)) for m in data[keep]]  # (h, w) uint8 each
-            masks = [mask_to_rle(m) for m in full]
-            areas = [round(float(m.sum()) / (h * w), 6) for m in full]
+            masks = [mask_to_rle(_unletterbox(m, (h, w))) for m in data[keep]]
+            areas = [round(rle_area(r) / (h * w), 6) for r in masks]
         classes = boxes.cls.cpu()[keep].numpy().astype(np.int32)  # (N,)
         labels = [self.names[int(c)] for c in classes]
         large = large_labels(labels, areas, self.config.large_area) if len(areas) == len(labels) else None
