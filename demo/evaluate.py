@@ -85,10 +85,8 @@ def evaluate_teachers(world: World, artifacts, split: str = "test", imgsz: int =
     detected = yolo_detections(artifacts.yolo_weights, [world.split_dir(split) / f for f in files], imgsz)
     right = answers_right(artifacts.llm_dir, requests, dict(zip(files, detected)), top_k)
     out["llm_acc_yolo"] = _share(right)
-    out["scene_exact_yolo"] = round(sum(sorted(d[0]) == sorted(gt[f][0]) for f, d in zip(files, detected))
-                                    / max(len(files), 1), 4)
-    out["large_exact_yolo"] = round(sum(sorted(d[1]) == sorted(gt[f][1]) for f, d in zip(files, detected))
-                                    / max(len(files), 1), 4)
+    for j, key in enumerate(("scene_exact_yolo", "large_exact_yolo")):  # the labels, the large ones
+        out[key] = _share([sorted(d[j]) == sorted(gt[f][j]) for f, d in zip(files, detected)])
     out["llm_acc_yolo_by_type"] = {t: _share([ok for ok, r in zip(right, requests) if r["type"] == t])
                                    for t in kb.QUESTION_TYPES}  # the large questions read the masks
     out.update({"split": split, "requests": len(requests), "images": len(files), "top_k": top_k,

@@ -4,7 +4,7 @@ the number of large objects per class when the teacher node has ``large_area``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,28 @@ class DetectionHead(Head):
     def counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
         """Detections per class (B, C): the teacher's where the batch has them (training), else
         the head's own (peaks above the confidence threshold)."""
-        with torch.no_grad():
+        def own() -> Tensor:
             scores, classes, _ = self.peak_scores(out["cls"])
-            kept = (scores > self.thresholds()[0]).float()  # (B, P)
-            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept)  # (B, C)
-            if target is None:
-                return own
-            valid = (target["valid"] & target["mask"][:, None]).float()  # (B, N)
-            labels = target["probs"].argmax(-1)  # (B, N): a teacher box's class is its best score's
-            teacher = torch.zeros_like(own).scatter_add_(1, labels, valid)  # (B, C)
-            return torch.where(target["mask"][:, None], teacher, own)
+            return self._per_class(classes, (scores > self.thresholds()[0]).float())
+
+        with torch.no_grad():
+            return self._teacher_or_own(target, own)
+
+    def _per_class(self, classes: Tensor, kept: Tensor) -> Tensor:
+        """(B, N) class ids and 0/1 weights -> (B, C) sums per class."""
+        return kept.new_zeros(kept.shape[0], self.num_classes).scatter_add_(1, classes, kept)
+
+    def _teacher_or_own(self, target: dict[str, Tensor] | None, own: Callable[[], Tensor],
+                        where: Tensor | None = None) -> Tensor:
+        """Per class, the teacher's boxes (those with ``where`` (B, N)) for the inputs that have
+        them, ``own()``'s for the others (not computed when every input has them)."""
+        if target is None:
+            return own()
+        valid = target["valid"] & target["mask"][:, None]  # (B, N)
+        if where is not None:
+            valid = valid & where
+        teacher = self._per_class(target["probs"].argmax(-1), valid.float())  # a box's class: its best score's
+        return teacher if bool(target["mask"].all()) else torch.where(target["mask"][:, None], teacher, own())
 
     def mask_areas(self, out: dict[str, Tensor], idx: Tensor | None = None) -> Tensor:
         """Per location (or per location in ``idx`` (B, N)), the share of the image its instance
@@ -124,25 +136,19 @@ class DetectionHead(Head):
         training, the head's own at inference: among its ``max_det`` strongest peaks (as the
         teacher keeps at most max_det boxes), those above the threshold with a mask that large
         (masks for those peaks only: a fraction of the work of every location's)."""
-        with torch.no_grad():
-            if target is not None and bool(target["mask"].all()):  # training: the teacher's for every input
-                valid = (target["valid"] & (target["areas"] >= self.large_area)).float()  # (B, N)
-                return valid.new_zeros(valid.shape[0], self.num_classes).scatter_add_(1, target["probs"].argmax(-1), valid)
+        def own() -> Tensor:
             scores, classes, _ = self.peak_scores(out["cls"])
             conf, _, max_det = self.thresholds()
             scores, idx = scores.topk(min(max_det, scores.shape[1]), dim=1)  # (B, N) strongest peaks
-            classes = classes.gather(1, idx)  # (B, N)
             kept = scores > conf
             if "coef" in out:  # (a text-only echo step's empty outputs have no masks: nothing seen)
                 kept = kept & (self.mask_areas(out, idx) >= self.large_area)
             else:
                 kept = torch.zeros_like(kept)
-            own = scores.new_zeros(scores.shape[0], self.num_classes).scatter_add_(1, classes, kept.float())  # (B, C)
-            if target is None:
-                return own
-            valid = (target["valid"] & target["mask"][:, None] & (target["areas"] >= self.large_area)).float()
-            teacher = torch.zeros_like(own).scatter_add_(1, target["probs"].argmax(-1), valid)  # (B, C)
-            return torch.where(target["mask"][:, None], teacher, own)
+            return self._per_class(classes.gather(1, idx), kept.float())
+
+        with torch.no_grad():
+            return self._teacher_or_own(target, own, None if target is None else target["areas"] >= self.large_area)
 
     def prefix_len(self) -> int:
         mode = self.cfg.detection_summary

@@ -77,19 +77,20 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_area(rle: dict[str, Any]) -> int:
-    """Pixels of a COCO RLE mask (``counts`` as str or bytes), counted on the runs, not the pixels."""
+def _coco(rle: dict[str, Any]) -> dict[str, Any]:
+    """A stored RLE (``counts`` as str or bytes) as pycocotools takes it (bytes)."""
     counts = rle["counts"]
-    return int(mask_utils.area({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str)
-                                else counts}))
+    return {"size": [int(s) for s in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def rle_area(rle: dict[str, Any]) -> int:
+    """Pixels of a COCO RLE mask, counted on the runs, not the pixels."""
+    return int(mask_utils.area(_coco(rle)))
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """COCO RLE (``counts`` as str or bytes) -> (H, W) uint8 mask of 0/1."""
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts})
+    return mask_utils.decode(_coco(rle))
 
 
 # -- the predictor that keeps the soft labels -------------------------------------------------
