@@ -39,7 +39,8 @@ class StudentConfig(BaseModel):
     n_layers: int = Field(3, ge=1, description="Transformer blocks in the text decoder.")
     n_heads: int = Field(4, ge=1, description="Attention heads per block (must divide d_model).")
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden width = mlp_ratio * d_model.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the text decoder.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the text decoder, on its "
+                           "residual branches (attention output, MLP); none on the attention probabilities.")
     max_question_tokens: int = Field(32, ge=1, description="Questions are cut to this many tokens.")
     max_answer_tokens: int = Field(16, ge=1, description="Longest answer (targets are cut; "
                                    "greedy decoding stops here), eos included.")

@@ -85,7 +85,7 @@ class VisionEncoder(nn.Module):
 class Block(nn.Module):
     def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads = n_heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
@@ -96,8 +96,9 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if past is not None:  # (B, h, L_past, dh) each
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),  # (B, 1, L, L_keys) additive
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # No dropout on the attention probabilities (only on the residual branches): it draws one
+        # random number per score, (B, heads, L, L), and cost ~15% of a CPU training step (measured).
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # mask (B, 1, L, L_keys) additive
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))
         return x + self.drop(self.mlp(self.ln2(x))), (k, v)
 
