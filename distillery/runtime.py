@@ -64,28 +64,18 @@ def configure(offline: bool | None = None) -> None:
 
 
 @contextmanager
-def keep_torch_threads():
-    """Restore torch's intra-op thread count afterwards: Ultralytics' ``select_device`` (called by
-    every YOLO predict/train) sets it to ``cpu_count - 1`` (1 on a 2-core machine), which would
-    halve the speed of everything that runs later in the process (the student's training)."""
+def torch_threads(n: int | None = None):
+    """torch's intra-op thread count set to ``n`` inside (None: left as it is), restored afterwards
+    (~0.4 us a switch). Around Ultralytics: its ``select_device`` (every YOLO predict/train) sets
+    it to ``cpu_count - 1`` (1 on a 2-core machine), which would halve the speed of everything that
+    runs later in the process (the student's training). ``n = 1`` for tensor glue around another
+    runtime: waking a second thread for an op on a few hundred numbers costs more than the op (5x
+    slower on 2 cores, and 10x when the other core is busy)."""
     import torch
 
     before = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` inside, restored afterwards (~0.4 us a switch).
-    For tensor glue around another runtime: waking a second thread for an op on a few hundred
-    numbers costs more than the op (5x slower on 2 cores, and 10x when the other core is busy)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:

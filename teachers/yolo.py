@@ -151,7 +151,7 @@ class YoloNode(TeacherNode):
         runtime.quiet_ultralytics()
         cfg = self.config
         _check_local_path(self.name, cfg.weights)
-        with runtime.keep_torch_threads():
+        with runtime.torch_threads():
             model = YOLO(cfg.weights, task=cfg.task)
         found = guess_model_task(model.model)
         if found != cfg.task:
@@ -184,7 +184,7 @@ class YoloNode(TeacherNode):
         images = [_rgb(batch[i].image) for i in todo]
         from distillery import runtime
 
-        with runtime.keep_torch_threads():  # its select_device would leave torch on cpu_count - 1 threads
+        with runtime.torch_threads():  # its select_device would leave torch on cpu_count - 1 threads
             results = self.model.predict(images, **self.predict_args())
         for i, result in zip(todo, results, strict=True):
             outs[i] = self.to_output(result)
