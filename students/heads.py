@@ -132,7 +132,7 @@ class RetrievalHead(Head):
         self.out = nn.Linear(cfg.d_model, len(node["doc_ids"]))
 
     def segments(self, batch: dict, embed: nn.Embedding, echo: bool = False) -> list[Segment]:
-        B = batch["images"].shape[0]
+        B = batch["question_ids"].shape[0]
         valid = torch.ones(B, 1, dtype=torch.bool, device=self.query.device)
         return [Segment(f"{self.name}/query", self.query.expand(B, 1, -1), valid)]
 
@@ -175,7 +175,7 @@ class AnswerHead(Head):
     def segments(self, batch: dict, embed: nn.Embedding, echo: bool = False) -> list[Segment]:
         """Training: [answer] and [rationale] with teacher forcing (echo steps: [answer] alone, the
         long rationale is trained in the full steps); inference: the [answer] task token."""
-        B, device = batch["images"].shape[0], batch["images"].device
+        B, device = batch["question_ids"].shape[0], batch["question_ids"].device
         target = batch.get("targets", {}).get(self.name)
         if target is None:  # inference: the [answer] task token; the model decodes from it
             ones = torch.ones(B, 1, dtype=torch.bool, device=device)

@@ -3,15 +3,18 @@
 At batch 1 a student this small is bound by the framework's cost per operation, not by
 arithmetic: eager torch spends ~7 ms in the encoder pass that ONNX Runtime runs in ~2.4 ms (its
 graph optimizer fuses the convolutions' activations, the layer norms and the attention). The
-export is two graphs in ``<student>/onnx/``:
+export is three graphs in ``<student>/onnx/``, split where the work can overlap:
 
-* ``encoder.onnx``: (images uint8 (B, 3, S, S), question_ids (B, Lq), question_mask (B, Lq)) ->
-  every head's raw outputs (as ``MultimodalStudent.predict_raw``) and, per answer, its first
-  greedy token, the logits after it and the key/value cache so far.
+* ``vision.onnx``: images uint8 (B, 3, S, S) -> the conv heads' raw outputs (detection) and the
+  stride-16 features. ``vision-int8.onnx``: the same with int8 convolutions (``quantize_vision``).
+* ``text.onnx``: (the stride-16 features, question_ids (B, Lq), question_mask (B, Lq), the conv
+  heads' outputs) -> the text heads' raw outputs and, per answer, its first greedy token, the
+  logits after it and the key/value cache so far. It runs on a second thread while the
+  detections are post-processed (``OnnxStudent.run``): 0.74x the time of one graph at batch 1.
 * ``step.onnx``: one greedy step: (tokens (B,), positions (B,), segment (B, 1), the cache) ->
   the next token's logits and the extended cache.
 
-``meta.json`` names the outputs, the answer segments, and the digest of the weights and config
+``meta.json`` names the outputs, the answer segments, the layout's ``format`` and the digest of the weights and config
 the graphs were exported from: a student whose files changed is never run from stale graphs.
 Greedy decoding is ``students.decoding.greedy_decode``, the same loop as the torch student's.
 
@@ -39,7 +42,9 @@ from students.decoding import answer_limit, greedy_decode
 
 ONNX_DIR = "onnx"
 META_FILE = "meta.json"
+VISION, TEXT, STEP, VISION_INT8 = "vision.onnx", "text.onnx", "step.onnx", "vision-int8.onnx"
 OPSET = 17
+FORMAT = 2  # 2: vision / text / step graphs (1, one encoder graph, is treated as stale)
 
 
 def digest(model_dir: str | Path) -> str:
@@ -61,10 +66,11 @@ def available() -> bool:
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any] | None:
-    """The export's meta.json when it was made from the folder's present weights and config."""
+    """The export's meta.json when it was made from the folder's present weights and config, in
+    this version's layout of graphs."""
     try:
         meta = json.loads((Path(model_dir) / ONNX_DIR / META_FILE).read_text())
-        return meta if meta.get("digest") == digest(model_dir) else None
+        return meta if meta.get("format") == FORMAT and meta.get("digest") == digest(model_dir) else None
     except (OSError, ValueError):
         return None
 
@@ -75,7 +81,7 @@ def is_current(model_dir: str | Path) -> bool:
 
 
 def has_int8(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
-    """``meta`` (``read_meta``'s) names an int8 encoder and the file is there."""
+    """``meta`` (``read_meta``'s) names an int8 vision graph and the file is there."""
     return bool(meta and "int8" in meta and (Path(model_dir) / ONNX_DIR / meta["int8"]["file"]).is_file())
 
 
@@ -83,19 +89,37 @@ def _kv_names(n_layers: int) -> list[str]:
     return [f"{kind}{i}" for i in range(n_layers) for kind in ("k", "v")]
 
 
-class _Encoder(nn.Module):
-    """encode() and the text heads, flattened to a tuple of tensors (ONNX has no dicts), and for
-    each answer its first greedy token and the step after it (one graph run less per answer: the
-    short answers of a distilled student are often one token and eos)."""
+class _Vision(nn.Module):
+    """The conv pyramid and the heads that read it alone (detection): images -> their raw outputs
+    and the stride-16 features the text graph reads, as a flat tuple (ONNX has no dicts)."""
 
-    def __init__(self, model, keys: list[tuple[str, str]], answers: list[dict]):
+    def __init__(self, model, keys: list[tuple[str, str]]):
         super().__init__()
-        self.model, self.keys, self.answers = model, keys, answers
+        self.model, self.keys = model, keys
 
-    def forward(self, images: Tensor, question_ids: Tensor, question_mask: Tensor):
-        batch = {"images": images, "question_ids": question_ids, "question_mask": question_mask}
-        outputs, feats, state = self.model.encode(batch)
-        outputs |= {n: h(feats) for n, h in self.model.heads.items() if h.reads_text}
+    def forward(self, images: Tensor):
+        outputs, feats = self.model.encode_vision({"images": images})
+        return (*[outputs[n][k] for n, k in self.keys], feats.maps["p16"])
+
+
+class _Text(nn.Module):
+    """The decoder pass and the text heads, from the question and the vision graph's outputs, and
+    for each answer its first greedy token and the step after it (one graph run less per answer:
+    the short answers of a distilled student are often one token and eos)."""
+
+    def __init__(self, model, conv_keys: list[tuple[str, str]], keys: list[tuple[str, str]], answers: list[dict]):
+        super().__init__()
+        self.model, self.conv_keys, self.keys, self.answers = model, conv_keys, keys, answers
+
+    def forward(self, p16: Tensor, question_ids: Tensor, question_mask: Tensor, *conv: Tensor):
+        from students.heads import Features
+
+        outputs: dict[str, dict[str, Tensor]] = {}
+        for (n, k), t in zip(self.conv_keys, conv):
+            outputs.setdefault(n, {})[k] = t
+        feats = Features({"p16": p16}, lm_head=self.model.decoder.lm_head)
+        state = self.model.encode_text({"question_ids": question_ids, "question_mask": question_mask}, outputs, feats)
+        outputs = {n: h(feats) for n, h in self.model.heads.items() if h.reads_text}
         extra = []
         for a in self.answers:
             first = outputs[a["node"]]["answer_logits"][:, -1].argmax(-1)  # (B,)
@@ -125,17 +149,22 @@ def _example_batch(model, B: int = 2, Lq: int = 3) -> dict[str, Tensor]:
             "question_mask": torch.ones(B, Lq, dtype=torch.bool)}
 
 
-def _encoder_io(keys: list[tuple[str, str]], n_answers: int, kv: list[str]) -> tuple[list[str], dict]:
-    """The encoder graph's output names and dynamic axes (B: batch, Lq: question, L: cache)."""
-    names = [f"{n}.{k}" for n, k in keys] + ["n_q"]
-    axes: dict[str, dict[int, str]] = {"images": {0: "B"}, "question_ids": {0: "B", 1: "Lq"},
-                                       "question_mask": {0: "B", 1: "Lq"}}
+def _names(keys: list[tuple[str, str]]) -> list[str]:
+    return [f"{n}.{k}" for n, k in keys]
+
+
+def _text_io(conv_keys: list[tuple[str, str]], keys: list[tuple[str, str]], n_answers: int,
+             kv: list[str]) -> tuple[list[str], list[str], dict]:
+    """The text graph's input and output names and dynamic axes (B: batch, Lq: question, L: cache)."""
+    inputs = ["p16", "question_ids", "question_mask"] + _names(conv_keys)
+    names = _names(keys) + ["n_q"]
+    axes: dict[str, dict[int, str]] = {"question_ids": {0: "B", 1: "Lq"}, "question_mask": {0: "B", 1: "Lq"}}
     for j in range(n_answers):
         cache = [f"answer{j}.cache_{o}" for o in ("seg", "valid")]
         kv_out = [f"answer{j}.{n}" for n in kv]
         names += [f"answer{j}.first", f"answer{j}.logits"] + cache + kv_out
         axes |= {o: {0: "B", 1: "L"} for o in cache} | {o: {0: "B", 2: "L"} for o in kv_out}
-    return names, {o: {0: "B"} for o in names} | axes
+    return inputs, names, {o: {0: "B"} for o in inputs + names} | axes
 
 
 def _step_io(kv: list[str]) -> tuple[list[str], list[str], dict]:
@@ -153,7 +182,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     """Export the saved student in ``model_dir`` to ``model_dir/onnx`` (written to a temporary
     folder beside it and moved into place: a crash leaves the old graphs or none). With
     ``calibration`` (requests ``{"image", "question"}``, e.g. a few dozen training inputs) also
-    ``encoder-int8.onnx``: see ``quantize_encoder``."""
+    ``vision-int8.onnx``: see ``quantize_vision``."""
     from students.model import MultimodalStudent
 
     model_dir = Path(model_dir)
@@ -164,30 +193,38 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     model = MultimodalStudent.from_pretrained(model_dir, map_location="cpu").fuse_for_inference()
     batch = _example_batch(model)
     with torch.no_grad():  # (not inference_mode: these tensors are traced below)
-        outputs, feats, state = model.encode(batch)
-        outputs |= {n: h(feats) for n, h in model.heads.items() if h.reads_text}
-    keys = [(n, k) for n in outputs for k in sorted(outputs[n])]
+        conv, feats = model.encode_vision(batch)
+        state = model.encode_text(batch, conv, feats)
+        text = {n: h(feats) for n, h in model.heads.items() if h.reads_text}
+    conv_keys = [(n, k) for n in conv for k in sorted(conv[n])]
+    keys = [(n, k) for n in text for k in sorted(text[n])]
     answers = [{"node": s.name.split("/")[0], "index": i, "length": int(s.embeds.shape[1])}
                for i, s in enumerate(state["segments"], start=1) if model.heads[s.name.split("/")[0]].generative]
     kv = _kv_names(len(model.decoder.blocks))
-    enc_out, enc_axes = _encoder_io(keys, len(answers), kv)
+    vision_out = _names(conv_keys) + ["p16"]
+    text_in, text_out, text_axes = _text_io(conv_keys, keys, len(answers), kv)
     step_in, step_out, step_axes = _step_io(kv)
     B = batch["images"].shape[0]
+    text_args = (feats.maps["p16"], batch["question_ids"], batch["question_mask"], *[conv[n][k] for n, k in conv_keys])
     step_args = (torch.zeros(B, dtype=torch.long), state["n_q"] + 1, torch.ones(B, 1, dtype=torch.long),
                  state["cache"]["seg"], state["cache"]["valid"], *[t for p in state["cache"]["kv"] for t in p])
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=model_dir))
     try:
         with warnings.catch_warnings():  # the tracer warns about every int() of a static shape
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Encoder(model, keys, answers).eval(), tuple(batch.values()), str(tmp / "encoder.onnx"),
-                              input_names=list(batch), output_names=enc_out, dynamic_axes=enc_axes,
+            torch.onnx.export(_Vision(model, conv_keys).eval(), (batch["images"],), str(tmp / VISION),
+                              input_names=["images"], output_names=vision_out,
+                              dynamic_axes={o: {0: "B"} for o in ["images"] + vision_out}, opset_version=OPSET, dynamo=False)
+            torch.onnx.export(_Text(model, conv_keys, keys, answers).eval(), text_args, str(tmp / TEXT),
+                              input_names=text_in, output_names=text_out, dynamic_axes=text_axes,
                               opset_version=OPSET, dynamo=False)
-            torch.onnx.export(_Step(model).eval(), step_args, str(tmp / "step.onnx"), input_names=step_in,
+            torch.onnx.export(_Step(model).eval(), step_args, str(tmp / STEP), input_names=step_in,
                               output_names=step_out, dynamic_axes=step_axes, opset_version=OPSET, dynamo=False)
-        meta = {"digest": digest(model_dir), "outputs": [list(k) for k in keys], "answers": answers,
-                "n_layers": len(model.decoder.blocks), "opset": OPSET, "torch": torch.__version__}
+        meta = {"format": FORMAT, "digest": digest(model_dir), "vision_outputs": [list(k) for k in conv_keys],
+                "outputs": [list(k) for k in keys], "answers": answers, "n_layers": len(model.decoder.blocks),
+                "opset": OPSET, "torch": torch.__version__}
         if calibration:
-            meta["int8"] = quantize_encoder(tmp, model, calibration)
+            meta["int8"] = quantize_vision(tmp, model, calibration)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         dst = model_dir / ONNX_DIR
         old = model_dir / f".{ONNX_DIR}-old"
@@ -201,14 +238,16 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     return dst
 
 
-INT8_OPS = ("Conv", "MatMul")
+INT8_OPS = ("Conv",)
 
 
-def quantize_encoder(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
-    """``encoder-int8.onnx``: the encoder with int8 convolutions and matrix products (ONNX
-    Runtime static quantization, QOperator format: per-channel int8 weights, uint8 activations
-    whose ranges are calibrated on ``calibration``). On a CPU with VNNI the encoder runs ~1.4x
-    faster; what it costs in agreement is measured, not assumed (``benchmarks/student.py``)."""
+def quantize_vision(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
+    """``vision-int8.onnx``: the vision graph with int8 convolutions (ONNX Runtime static
+    quantization, QOperator format: per-channel int8 weights, uint8 activations whose ranges are
+    calibrated on the images of ``calibration``). The text graph stays float: its matrix
+    products are small, and the quantize / dequantize pairs around them cost what int8 saves
+    (measured: docs/ENVIRONMENT.md). What int8 costs in agreement is measured, not assumed
+    (``benchmarks/student.py``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -222,9 +261,9 @@ def quantize_encoder(onnx_dir: Path, model, calibration: list[dict]) -> dict[str
         except ValueError as e:  # a bad calibration input is skipped, not fatal
             warnings.warn(f"calibration input {i} skipped: {e}", stacklevel=2)
             continue
-        feeds.append({k: batch[k].numpy() for k in ("images", "question_ids", "question_mask")})
+        feeds.append({"images": batch["images"].numpy()})
     if not feeds:
-        raise ValueError("quantize_encoder: no usable calibration input")
+        raise ValueError("quantize_vision: no usable calibration input")
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -233,49 +272,83 @@ def quantize_encoder(onnx_dir: Path, model, calibration: list[dict]) -> dict[str
         def get_next(self):
             return next(self.it, None)
 
-    pre = onnx_dir / "encoder-pre.onnx"
-    quant_pre_process(str(onnx_dir / "encoder.onnx"), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(onnx_dir / "encoder-int8.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+    pre = onnx_dir / "vision-pre.onnx"
+    quant_pre_process(str(onnx_dir / VISION), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(onnx_dir / VISION_INT8), Reader(), quant_format=QuantFormat.QOperator,
                     per_channel=True, op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     pre.unlink()
-    return {"file": "encoder-int8.onnx", "ops": list(INT8_OPS), "format": "QOperator", "weights": "int8 per channel",
+    return {"file": VISION_INT8, "ops": list(INT8_OPS), "format": "QOperator", "weights": "int8 per channel",
             "activations": "uint8", "calibration_inputs": len(feeds)}
 
 
 class OnnxStudent:
     """``predict_raw`` of a saved student on ONNX Runtime (CPU): the same outputs as
-    ``MultimodalStudent.predict_raw``, so the torch heads' ``postprocess`` reads them."""
+    ``MultimodalStudent.predict_raw``, so the torch heads' ``postprocess`` reads them.
+
+    ``run(batch, on_conv)`` uses the second core at batch 1: the text graph runs on a worker
+    thread (ONNX Runtime releases the GIL) while ``on_conv`` (e.g. the detection post-processing:
+    NMS, masks, RLE) works on the vision graph's outputs in the calling thread."""
 
     def __init__(self, onnx_dir: str | Path, cfg, eos_ids: list[int], threads: int | None = None,
-                 int8: bool = False, meta: dict[str, Any] | None = None):
+                 int8: bool = False, meta: dict[str, Any] | None = None, vision_threads: int | None = None):
         import onnxruntime as ort
 
         onnx_dir = Path(onnx_dir)
         self.meta = meta or json.loads((onnx_dir / META_FILE).read_text())
         if int8 and "int8" not in self.meta:
-            raise ValueError(f"{onnx_dir}: no int8 encoder (exported without calibration inputs)")
+            raise ValueError(f"{onnx_dir}: no int8 vision graph (exported without calibration inputs)")
         self.int8 = int8
         self.cfg, self.eos_ids = cfg, list(eos_ids)
-        opts = ort.SessionOptions()
-        # One thread by default: at batch 1 waking a second thread for every operator of a model
-        # this small costs more than it brings (8.5 vs 9.1 ms a request, measured on 2 cores).
-        opts.intra_op_num_threads = threads or 1
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # errors only
-        # Idle ONNX Runtime threads spin-wait by default and take the cores from the torch, PIL and
-        # numpy work between runs (decoding, post-processing): 26 ms instead of 10 a request.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = lambda f: ort.InferenceSession(str(onnx_dir / f), opts, providers=["CPUExecutionProvider"])  # noqa: E731
-        self.encoder = session(self.meta["int8"]["file"] if int8 else "encoder.onnx")
-        self.step_session = session("step.onnx")
+
+        def session(f: str, n: int):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = n
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3  # errors only
+            # Idle ONNX Runtime threads spin-wait by default and take the cores from the torch, PIL
+            # and numpy work between runs (decoding, post-processing): 26 ms instead of 10 a request.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(str(onnx_dir / f), opts, providers=["CPUExecutionProvider"])
+
+        # Threads: the convolutions gain from a second core (the vision graph runs alone: 1.53 vs
+        # 1.78 ms at batch 1); the text graph's small operators do not (waking a thread for each
+        # costs more than it brings), and it shares the cores with ``on_conv``.
+        self.vision = session(self.meta["int8"]["file"] if int8 else VISION,
+                              vision_threads or threads or min(2, os.cpu_count() or 1))
+        self.text = session(TEXT, threads or 1)
+        self.step_session = session(STEP, threads or 1)
+        self.conv_keys = [tuple(k) for k in self.meta["vision_outputs"]]
         self.keys = [tuple(k) for k in self.meta["outputs"]]
         self.kv = _kv_names(int(self.meta["n_layers"]))
+        self._pool = None
 
     def predict_raw(self, batch: dict[str, Tensor], max_new_tokens: int | None = None) -> dict[str, dict[str, Any]]:
-        feed = {k: batch[k].cpu().numpy() for k in ("images", "question_ids", "question_mask")}
-        out = self.encoder.run(None, feed)
+        return self.run(batch, max_new_tokens=max_new_tokens)[0]
+
+    def run(self, batch: dict[str, Tensor], on_conv=None, max_new_tokens: int | None = None) -> tuple[dict, Any]:
+        """(raw outputs of every head, ``on_conv(conv_raw)``'s result or None). ``on_conv`` gets
+        the conv heads' raw outputs and runs while the text graph does."""
+        vis = self.vision.run(None, {"images": batch["images"].cpu().numpy()})
+        feed = {"p16": vis[-1], "question_ids": batch["question_ids"].cpu().numpy(),
+                "question_mask": batch["question_mask"].cpu().numpy(),
+                **{f"{n}.{k}": v for (n, k), v in zip(self.conv_keys, vis)}}
         raw: dict[str, dict[str, Any]] = {}
+        for (node, key), value in zip(self.conv_keys, vis):
+            raw.setdefault(node, {})[key] = torch.from_numpy(value)
+        done = None
+        if on_conv is None:
+            out = self.text.run(None, feed)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-text")
+            pending = self._pool.submit(self.text.run, None, feed)
+            try:
+                done = on_conv({n: dict(v) for n, v in raw.items()})
+            finally:
+                out = pending.result()
         for (node, key), value in zip(self.keys, out):
             raw.setdefault(node, {})[key] = torch.from_numpy(value)
         n_q, at = out[len(self.keys)], len(self.keys) + 1
@@ -284,11 +357,11 @@ class OnnxStudent:
             first, logits, *cache = out[at:at + per_answer]
             at += per_answer
             raw[ans["node"]]["answer_ids"] = self._greedy(first, logits, n_q, cache, ans, max_new_tokens)
-        return raw
+        return raw, done
 
     def _greedy(self, first: np.ndarray, logits: np.ndarray, n_q: np.ndarray, cache: list[np.ndarray], ans: dict,
                 max_new_tokens: int | None) -> list[list[int]]:
-        """The encoder graph chose the first token and ran the step after it; go on from there."""
+        """The text graph chose the first token and ran the step after it; go on from there."""
         seg = np.full((first.shape[0], 1), ans["index"], dtype=np.int64)
         state = list(cache)
 

@@ -86,7 +86,7 @@ class StudentPredictor:
                 onnx.export_onnx(model_dir)
                 meta = onnx.read_meta(model_dir)
             if backend == "onnx-int8" and not onnx.has_int8(model_dir, meta):
-                raise ValueError(f"{model_dir}: no int8 encoder (training writes it; "
+                raise ValueError(f"{model_dir}: no int8 vision graph (training writes it; "
                                  "students.onnx.export_onnx(dir, calibration=...) by hand)")
         elif backend == "auto":
             backend = "torch" if meta is None else "onnx-int8" if onnx.has_int8(model_dir, meta) else "onnx"
@@ -139,20 +139,30 @@ class StudentPredictor:
         was_training = self.model.training
         if was_training:  # (toggling walks every module: 2 ms an image at batch 1, so only when needed)
             self.model.eval()
+        heads = self.model.heads
         try:
             batch, sizes = self.prepare(requests)
-            run = self.runner.predict_raw if self.runner is not None else self.model.predict_raw
-            raw = batch_to(run(batch), "cpu")
+
+            def post_conv(raw: dict) -> dict[str, list]:  # the heads that read only the image
+                return {name: [heads[name].postprocess(raw[name], i, size) for i, size in enumerate(sizes)]
+                        for name in raw}
+
+            if self.runner is not None:  # the detections are post-processed while the text graph runs
+                raw, conv = self.runner.run(batch, on_conv=post_conv)
+            else:
+                raw, conv = batch_to(self.model.predict_raw(batch), "cpu"), None
         finally:
             if was_training:
                 self.model.train()
-        for name, head in self.model.heads.items():
+        conv = conv if conv is not None else post_conv({n: raw[n] for n, h in heads.items() if not h.reads_text})
+        for name, head in heads.items():
             if head.generative:
                 raw[name]["answer"] = [self.decode_answer(ids, head.node) for ids in raw[name]["answer_ids"]]
         results = []
         for i, size in enumerate(sizes):
-            res = {name: head.postprocess(raw[name], i, size) for name, head in self.model.heads.items()}
-            answers = [res[name]["answer"] for name, h in self.model.heads.items() if h.generative]
+            res = {name: conv[name][i] if name in conv else head.postprocess(raw[name], i, size)
+                   for name, head in heads.items()}
+            answers = [res[name]["answer"] for name, h in heads.items() if h.generative]
             if answers:
                 res["answer"] = answers[-1]  # the last llm node in the graph: the final answer
             results.append(res)

@@ -104,6 +104,40 @@ def test_stale_graphs_are_never_used(folder, tmp_path):
     assert not list(copy.glob(".onnx-*")), "no temporary export folder left behind"
 
 
+def test_an_export_in_an_older_layout_is_stale(folder, tmp_path):
+    """Graphs of another layout (format 1: one encoder graph) are never run: auto falls back to
+    torch, backend onnx re-exports."""
+    import shutil
+
+    out, records = folder
+    copy = shutil.copytree(out, tmp_path / "student")
+    meta_file = copy / "onnx" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["format"] == onnx.FORMAT and onnx.is_current(copy)
+    meta_file.write_text(json.dumps({**meta, "format": 1}))
+    assert not onnx.is_current(copy) and StudentPredictor.load(copy).backend == "torch"
+    assert StudentPredictor.load(copy, backend="onnx").backend == "onnx" and onnx.is_current(copy)
+
+
+def test_post_processing_overlaps_the_text_graph_and_errors_reach_the_caller(folder):
+    """``run(batch, on_conv)`` hands the conv heads' outputs to on_conv (on the calling thread)
+    and returns its result with every head's outputs; an error in on_conv is raised after the
+    text graph has finished, and the runner keeps working."""
+    out, records = folder
+    pred = StudentPredictor.load(out, backend="onnx")
+    batch, _ = pred.prepare(requests_of(records))
+    raw, seen = pred.runner.run(batch, on_conv=lambda conv: sorted(conv))
+    assert seen == ["detector"] and raw["reasoner"]["answer_ids"] == pred.runner.predict_raw(batch)["reasoner"]["answer_ids"]
+
+    def boom(conv):
+        raise RuntimeError("post-processing failed")
+
+    with pytest.raises(RuntimeError, match="post-processing failed"):
+        pred.runner.run(batch, on_conv=boom)
+    assert pred.predict(requests_of(records[:1]))[0]["answer"] == StudentPredictor.load(out, backend="torch").predict(
+        requests_of(records[:1]))[0]["answer"]
+
+
 def test_unknown_backend_and_text_summaries_are_refused(folder, tmp_path):
     out, _ = folder
     with pytest.raises(ValueError, match="backend 'tensorrt': expected one of auto, torch, onnx"):
@@ -118,8 +152,8 @@ def test_unknown_backend_and_text_summaries_are_refused(folder, tmp_path):
         onnx.export_onnx(copy)
 
 
-def test_int8_encoder_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
-    """Training exports an int8 encoder calibrated on training inputs; auto picks it; on the
+def test_int8_vision_graph_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
+    """Training exports an int8 vision graph calibrated on training inputs; auto picks it; on the
     overfitted test student it gives the torch student's answers and labels."""
     import shutil
 
@@ -129,13 +163,13 @@ def test_int8_encoder_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
     with pytest.warns(UserWarning, match="calibration input 4 skipped"):
         onnx.export_onnx(copy, calibration)
     meta = json.loads((copy / "onnx" / "meta.json").read_text())
-    assert meta["int8"]["calibration_inputs"] == 4 and (copy / "onnx" / "encoder-int8.onnx").is_file()
-    assert not (copy / "onnx" / "encoder-pre.onnx").exists()
+    assert meta["int8"]["calibration_inputs"] == 4 and (copy / "onnx" / "vision-int8.onnx").is_file()
+    assert not (copy / "onnx" / "vision-pre.onnx").exists()
     int8 = StudentPredictor.load(copy)
     assert int8.backend == "onnx-int8" and StudentPredictor.load(copy, backend="onnx").backend == "onnx"
     reqs = requests_of(records)
     got, want = int8.predict(reqs), StudentPredictor.load(copy, backend="torch").predict(reqs)
     assert [g["answer"] for g in got] == [w["answer"] for w in want]
     assert [sorted(g["detector"]["labels"]) for g in got] == [sorted(w["detector"]["labels"]) for w in want]
-    with pytest.raises(ValueError, match="no int8 encoder"):
+    with pytest.raises(ValueError, match="no int8 vision graph"):
         StudentPredictor.load(out, backend="onnx-int8")  # exported without calibration inputs
