@@ -33,12 +33,20 @@ def bilinear_weights(out_size: int, in_size: int) -> np.ndarray:
     return w
 
 
+@lru_cache(maxsize=32)
+def pixel_centers(size: int) -> np.ndarray:
+    """(size,) float32, ascending: the normalized centers of a row's pixels."""
+    c = (np.arange(size, dtype=np.float32) + np.float32(0.5)) / np.float32(size)
+    c.setflags(write=False)
+    return c
+
+
 def pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
     """[start, stop) of the pixels whose centers lie in [lo, hi] (normalized), like
-    ``students.losses.box_region``."""
-    centers = (np.arange(size, dtype=np.float32) + np.float32(0.5)) / np.float32(size)
-    inside = np.nonzero((centers >= np.float32(lo)) & (centers <= np.float32(hi)))[0]
-    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
+    ``students.losses.box_region``: a binary search of the (cached, float32) centers."""
+    c = pixel_centers(size)
+    start, stop = int(np.searchsorted(c, np.float32(lo), "left")), int(np.searchsorted(c, np.float32(hi), "right"))
+    return (start, stop) if stop > start else (0, 0)
 
 
 def instance_masks(logits: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> Iterator[np.ndarray]:

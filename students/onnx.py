@@ -6,13 +6,14 @@ graph optimizer fuses the convolutions' activations, the layer norms and the att
 export is three graphs in ``<student>/onnx/``, split where the work can overlap:
 
 * ``vision.onnx``: images uint8 (B, 3, S, S) -> the conv heads' raw outputs (detection) and the
-  stride-16 features. ``vision-int8.onnx``: the same with int8 convolutions (``quantize_vision``).
+  stride-16 features.
 * ``text.onnx``: (the stride-16 features, question_ids (B, Lq), question_mask (B, Lq), the conv
   heads' outputs) -> the text heads' raw outputs and, per answer, its first greedy token, the
   logits after it and the key/value cache so far. It runs on a second thread while the
   detections are post-processed (``OnnxStudent.run``): 0.74x the time of one graph at batch 1.
 * ``step.onnx``: one greedy step: (tokens (B,), positions (B,), segment (B, 1), the cache) ->
   the next token's logits and the extended cache.
+* ``vision-int8.onnx``, ``text-int8.onnx``: int8 convolutions and matrix products (``quantize``).
 
 ``meta.json`` names the outputs, the answer segments, the layout's ``format`` and the digest of the weights and config
 the graphs were exported from: a student whose files changed is never run from stale graphs.
@@ -42,7 +43,8 @@ from students.decoding import answer_limit, greedy_decode
 
 ONNX_DIR = "onnx"
 META_FILE = "meta.json"
-VISION, TEXT, STEP, VISION_INT8 = "vision.onnx", "text.onnx", "step.onnx", "vision-int8.onnx"
+VISION, TEXT, STEP = "vision.onnx", "text.onnx", "step.onnx"
+VISION_INT8, TEXT_INT8 = "vision-int8.onnx", "text-int8.onnx"
 OPSET = 17
 FORMAT = 2  # 2: vision / text / step graphs (1, one encoder graph, is treated as stale)
 
@@ -81,8 +83,9 @@ def is_current(model_dir: str | Path) -> bool:
 
 
 def has_int8(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
-    """``meta`` (``read_meta``'s) names an int8 vision graph and the file is there."""
-    return bool(meta and "int8" in meta and (Path(model_dir) / ONNX_DIR / meta["int8"]["file"]).is_file())
+    """``meta`` (``read_meta``'s) names int8 vision and text graphs and the files are there."""
+    return bool(meta and "int8" in meta and all((Path(model_dir) / ONNX_DIR / meta["int8"][k]["file"]).is_file()
+                                                for k in ("vision", "text")))
 
 
 def _kv_names(n_layers: int) -> list[str]:
@@ -182,7 +185,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     """Export the saved student in ``model_dir`` to ``model_dir/onnx`` (written to a temporary
     folder beside it and moved into place: a crash leaves the old graphs or none). With
     ``calibration`` (requests ``{"image", "question"}``, e.g. a few dozen training inputs) also
-    ``vision-int8.onnx``: see ``quantize_vision``."""
+    ``vision-int8.onnx`` and ``text-int8.onnx``: see ``quantize``."""
     from students.model import MultimodalStudent
 
     model_dir = Path(model_dir)
@@ -224,7 +227,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
                 "outputs": [list(k) for k in keys], "answers": answers, "n_layers": len(model.decoder.blocks),
                 "opset": OPSET, "torch": torch.__version__}
         if calibration:
-            meta["int8"] = quantize_vision(tmp, model, calibration)
+            meta["int8"] = quantize(tmp, model, calibration)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         dst = model_dir / ONNX_DIR
         old = model_dir / f".{ONNX_DIR}-old"
@@ -238,48 +241,58 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     return dst
 
 
-INT8_OPS = ("Conv",)
+def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
+    """The int8 graphs (ONNX Runtime static quantization: per-channel int8 weights, uint8
+    activations whose ranges are calibrated on ``calibration``, bad inputs skipped):
 
+    * ``vision-int8.onnx``: int8 convolutions, QOperator format (QLinearConv).
+    * ``text-int8.onnx``: int8 matrix products, QDQ format (ONNX Runtime fuses each
+      dequantize-matmul-quantize group; QOperator's explicit quantize / dequantize pairs around
+      these small products cost what int8 saves: 0.91x vs 0.96x the float text graph, measured).
 
-def quantize_vision(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
-    """``vision-int8.onnx``: the vision graph with int8 convolutions (ONNX Runtime static
-    quantization, QOperator format: per-channel int8 weights, uint8 activations whose ranges are
-    calibrated on the images of ``calibration``). The text graph stays float: its matrix
-    products are small, and the quantize / dequantize pairs around them cost what int8 saves
-    (measured: docs/ENVIRONMENT.md). What int8 costs in agreement is measured, not assumed
-    (``benchmarks/student.py``)."""
+    What int8 costs in agreement is measured, not assumed (``benchmarks/student.py``)."""
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from students.predictor import StudentPredictor
 
     prepare = StudentPredictor(model, model.tokenizer).prepare
-    feeds = []
+    batches = []
     for i, req in enumerate(calibration):
         try:
             batch, _ = prepare([req])
         except ValueError as e:  # a bad calibration input is skipped, not fatal
             warnings.warn(f"calibration input {i} skipped: {e}", stacklevel=2)
             continue
-        feeds.append({"images": batch["images"].numpy()})
-    if not feeds:
-        raise ValueError("quantize_vision: no usable calibration input")
+        batches.append({k: batch[k].numpy() for k in ("images", "question_ids", "question_mask")})
+    if not batches:
+        raise ValueError("quantize: no usable calibration input")
+    vision = ort.InferenceSession(str(onnx_dir / VISION), providers=["CPUExecutionProvider"])
+    conv_names = [o.name for o in vision.get_outputs()]  # (the conv heads' outputs, then p16)
+    text_feeds = []
+    for b in batches:
+        out = dict(zip(conv_names, vision.run(None, {"images": b["images"]})))
+        text_feeds.append({"question_ids": b["question_ids"], "question_mask": b["question_mask"], **out})
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self, feeds: list[dict]):
             self.it = iter(feeds)
 
         def get_next(self):
             return next(self.it, None)
 
-    pre = onnx_dir / "vision-pre.onnx"
-    quant_pre_process(str(onnx_dir / VISION), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(onnx_dir / VISION_INT8), Reader(), quant_format=QuantFormat.QOperator,
-                    per_channel=True, op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    pre.unlink()
-    return {"file": VISION_INT8, "ops": list(INT8_OPS), "format": "QOperator", "weights": "int8 per channel",
-            "activations": "uint8", "calibration_inputs": len(feeds)}
+    info = {}
+    for key, src, dst, feeds, ops, fmt in (
+            ("vision", VISION, VISION_INT8, [{"images": b["images"]} for b in batches], ["Conv"], QuantFormat.QOperator),
+            ("text", TEXT, TEXT_INT8, text_feeds, ["MatMul"], QuantFormat.QDQ)):
+        pre = onnx_dir / f"{key}-pre.onnx"
+        quant_pre_process(str(onnx_dir / src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(onnx_dir / dst), Reader(feeds), quant_format=fmt, per_channel=True,
+                        op_types_to_quantize=ops, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        pre.unlink()
+        info[key] = {"file": dst, "ops": ops, "format": fmt.name}
+    return {**info, "weights": "int8 per channel", "activations": "uint8", "calibration_inputs": len(batches)}
 
 
 class OnnxStudent:
@@ -297,7 +310,7 @@ class OnnxStudent:
         onnx_dir = Path(onnx_dir)
         self.meta = meta or json.loads((onnx_dir / META_FILE).read_text())
         if int8 and "int8" not in self.meta:
-            raise ValueError(f"{onnx_dir}: no int8 vision graph (exported without calibration inputs)")
+            raise ValueError(f"{onnx_dir}: no int8 graphs (exported without calibration inputs)")
         self.int8 = int8
         self.cfg, self.eos_ids = cfg, list(eos_ids)
 
@@ -314,9 +327,9 @@ class OnnxStudent:
         # Threads: the convolutions gain from a second core (the vision graph runs alone: 1.53 vs
         # 1.78 ms at batch 1); the text graph's small operators do not (waking a thread for each
         # costs more than it brings), and it shares the cores with ``on_conv``.
-        self.vision = session(self.meta["int8"]["file"] if int8 else VISION,
-                              vision_threads or threads or min(2, os.cpu_count() or 1))
-        self.text = session(TEXT, threads or 1)
+        graphs = self.meta["int8"] if int8 else {"vision": {"file": VISION}, "text": {"file": TEXT}}
+        self.vision = session(graphs["vision"]["file"], vision_threads or threads or min(2, os.cpu_count() or 1))
+        self.text = session(graphs["text"]["file"], threads or 1)
         self.step_session = session(STEP, threads or 1)
         self.conv_keys = [tuple(k) for k in self.meta["vision_outputs"]]
         self.keys = [tuple(k) for k in self.meta["outputs"]]

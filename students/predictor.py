@@ -68,7 +68,7 @@ class StudentPredictor:
 
         ``backend``: ``torch``; ``onnx`` (ONNX Runtime on the CPU, ``students/onnx.py``: the graphs
         in ``model_dir/onnx``, exported now if missing or stale); ``onnx-int8`` (its int8
-        encoder, written by training); ``auto`` (default): on the CPU with onnxruntime installed,
+        graphs, written by training); ``auto`` (default): on the CPU with onnxruntime installed,
         the int8 graphs where the folder holds current ones, else the float ones, else torch."""
         from students import onnx
 
@@ -86,7 +86,7 @@ class StudentPredictor:
                 onnx.export_onnx(model_dir)
                 meta = onnx.read_meta(model_dir)
             if backend == "onnx-int8" and not onnx.has_int8(model_dir, meta):
-                raise ValueError(f"{model_dir}: no int8 vision graph (training writes it; "
+                raise ValueError(f"{model_dir}: no int8 graphs (training writes them; "
                                  "students.onnx.export_onnx(dir, calibration=...) by hand)")
         elif backend == "auto":
             backend = "torch" if meta is None else "onnx-int8" if onnx.has_int8(model_dir, meta) else "onnx"

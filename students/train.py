@@ -268,7 +268,7 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
 
 
 def export_student_onnx(out_dir: Path, calibration: list[dict]) -> None:
-    """The ONNX Runtime graphs beside the saved student (and the int8 encoder, calibrated on
+    """The ONNX Runtime graphs beside the saved student (and the int8 graphs, calibrated on
     ``calibration``); a failure leaves the student usable on torch and says why (the export is a
     deployment convenience, not the model)."""
     from students import onnx

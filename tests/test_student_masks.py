@@ -48,7 +48,10 @@ def test_bilinear_weights_rows_sum_to_one_and_match_interpolate():
 
 
 def test_pixel_span_is_the_box_region():
-    for lo, hi in [(0.0, 1.0), (0.1, 0.35), (0.499, 0.5), (0.9, 0.9)]:
+    rng = np.random.default_rng(0)
+    edges = [(0.0, 1.0), (0.1, 0.35), (0.499, 0.5), (0.9, 0.9), (0.5, 0.4), (0.01, 0.01),
+             (10.5 / 50, 20.5 / 50)]  # exactly on pixel centers, an empty box, one between two centers
+    for lo, hi in edges + [tuple(sorted(rng.uniform(-0.1, 1.1, 2))) for _ in range(200)]:
         region = box_region(torch.tensor([[lo, lo, hi, hi]]), 50, 50)[0].numpy().any(1)  # rows in the box
         a, b = pixel_span(lo, hi, 50)
         assert region[a:b].all() and region.sum() == b - a

@@ -152,8 +152,8 @@ def test_unknown_backend_and_text_summaries_are_refused(folder, tmp_path):
         onnx.export_onnx(copy)
 
 
-def test_int8_vision_graph_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
-    """Training exports an int8 vision graph calibrated on training inputs; auto picks it; on the
+def test_int8_graphs_are_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
+    """Training exports int8 graphs calibrated on training inputs; auto picks it; on the
     overfitted test student it gives the torch student's answers and labels."""
     import shutil
 
@@ -163,13 +163,14 @@ def test_int8_vision_graph_is_calibrated_chosen_by_auto_and_agrees(folder, tmp_p
     with pytest.warns(UserWarning, match="calibration input 4 skipped"):
         onnx.export_onnx(copy, calibration)
     meta = json.loads((copy / "onnx" / "meta.json").read_text())
-    assert meta["int8"]["calibration_inputs"] == 4 and (copy / "onnx" / "vision-int8.onnx").is_file()
-    assert not (copy / "onnx" / "vision-pre.onnx").exists()
+    assert meta["int8"]["calibration_inputs"] == 4
+    assert all((copy / "onnx" / f"{g}-int8.onnx").is_file() and not (copy / "onnx" / f"{g}-pre.onnx").exists()
+               for g in ("vision", "text"))
     int8 = StudentPredictor.load(copy)
     assert int8.backend == "onnx-int8" and StudentPredictor.load(copy, backend="onnx").backend == "onnx"
     reqs = requests_of(records)
     got, want = int8.predict(reqs), StudentPredictor.load(copy, backend="torch").predict(reqs)
     assert [g["answer"] for g in got] == [w["answer"] for w in want]
     assert [sorted(g["detector"]["labels"]) for g in got] == [sorted(w["detector"]["labels"]) for w in want]
-    with pytest.raises(ValueError, match="no int8 vision graph"):
+    with pytest.raises(ValueError, match="no int8 graphs"):
         StudentPredictor.load(out, backend="onnx-int8")  # exported without calibration inputs
