@@ -336,6 +336,15 @@ class OnnxStudent:
         self.kv = _kv_names(int(self.meta["n_layers"]))
         self._pool = None
 
+    def _text_pool(self):
+        """The text graph's worker thread, made on first use (and again in a forked child, which
+        inherits the pool but not its thread)."""
+        if self._pool is None or self._pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="onnx-text"))
+        return self._pool[1]
+
     def predict_raw(self, batch: dict[str, Tensor], max_new_tokens: int | None = None) -> dict[str, dict[str, Any]]:
         return self.run(batch, max_new_tokens=max_new_tokens)[0]
 
@@ -353,11 +362,7 @@ class OnnxStudent:
         if on_conv is None:
             out = self.text.run(None, feed)
         else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-text")
-            pending = self._pool.submit(self.text.run, None, feed)
+            pending = self._text_pool().submit(self.text.run, None, feed)
             try:
                 done = on_conv({n: dict(v) for n, v in raw.items()})
             finally:
