@@ -15,9 +15,9 @@ export is three graphs in ``<student>/onnx/``, split where the work can overlap:
   the next token's logits and the extended cache.
 * ``vision-int8.onnx``, ``text-int8.onnx``: int8 convolutions and matrix products (``quantize``).
 
-``meta.json`` names the outputs, the answer segments, the layout's ``format`` and the digest of the weights and config
-the graphs were exported from: a student whose files changed is never run from stale graphs.
-Greedy decoding is ``students.decoding.greedy_decode``, the same loop as the torch student's.
+``meta.json`` names the outputs, the answer segments, the layout's ``format`` and the digest of
+the weights and config the graphs were exported from: a student whose files changed is never
+run from stale graphs. Greedy decoding is ``students.decoding.greedy_decode``, the same loop as the torch student's.
 
     export_onnx("out/student")                                 # after training (train() does it)
     StudentPredictor.load("out/student", backend="onnx")       # or "auto": ONNX when it is there
@@ -364,7 +364,7 @@ class OnnxStudent:
         else:
             pending = self._text_pool().submit(self.text.run, None, feed)
             try:
-                done = on_conv({n: dict(v) for n, v in raw.items()})
+                done = on_conv(raw)  # (only the conv heads' outputs so far)
             finally:
                 out = pending.result()
         for (node, key), value in zip(self.keys, out):

@@ -150,11 +150,11 @@ class StudentPredictor:
             if self.runner is not None:  # the detections are post-processed while the text graph runs
                 raw, conv = self.runner.run(batch, on_conv=post_conv)
             else:
-                raw, conv = batch_to(self.model.predict_raw(batch), "cpu"), None
+                raw = batch_to(self.model.predict_raw(batch), "cpu")
+                conv = post_conv({n: raw[n] for n, h in heads.items() if not h.reads_text})
         finally:
             if was_training:
                 self.model.train()
-        conv = conv if conv is not None else post_conv({n: raw[n] for n, h in heads.items() if not h.reads_text})
         for name, head in heads.items():
             if head.generative:
                 raw[name]["answer"] = [self.decode_answer(ids, head.node) for ids in raw[name]["answer_ids"]]
