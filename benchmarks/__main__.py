@@ -98,8 +98,26 @@ def render(results: dict[str, dict], quick: bool) -> str:
         if rows:
             lines += ["", f"## Fidelity per node, {label}", "", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {round(v, 4)} |" for k, v in rows]
+    lines += breakdown_lines(results.get("student", {}).get("breakdown"))
     lines += ["", "## All figures", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def breakdown_lines(res: dict | None) -> list[str]:
+    """Where each side's batch-1 request goes (``benchmarks.breakdown``), as a table."""
+    if not res or "student" not in res:
+        return []
+    lines = ["", "## Where a batch-1 request's time goes", "",
+             f"Speed-up in this breakdown {res['speedup']:.1f}x; for {res['goal']:.0f}x the student may take "
+             f"{res['student_budget_ms']:.2f} ms a request.", "",
+             "| side | stage | ms per request | share |", "|---|---|---|---|"]
+    for side in ("graph", "student"):
+        b = res[side]
+        name = f"student ({b['backend']})" if side == "student" else "teacher graph"
+        lines.append(f"| {name} | request | {b['request_ms']:.2f} | 100% |")
+        lines += [f"| {name} | {stage} | {ms:.2f} | {100 * ms / b['request_ms']:.0f}% |"
+                  for stage, ms in b["stages_ms"].items()]
+    return lines
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ Both sides run on ``--device`` (default: cpu, where the >= 20x goal at batch 1 i
 teacher nodes included, even on a machine with a GPU; the output records it. On the CPU the
 student runs as it is deployed: on ONNX Runtime where its folder holds the export
 (``students/onnx.py``; training writes it), and then on eager torch too, against the same graph run.
+Each side's batch-1 request is also broken down, stage by stage and node by node (``benchmarks.breakdown``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"speedup b1 in {paired['rounds']} alternating rounds (student {paired['backend']}): median "
           f"{paired['speedup']:.1f}x (goal >= {GOAL_SPEEDUP_B1:.0f}x); rounds "
           + ", ".join(f"{x:.1f}" for x in paired["speedups"]))
+    from benchmarks.breakdown import breakdown, report as report_breakdown
+
+    out["breakdown"] = breakdown(student, spec, images, questions)  # where each side's batch-1 request goes
+    report_breakdown(out["breakdown"])
     if res["student"]["backend"] != "torch":  # the same student on eager torch, against the same graph run
         from students.efficiency import compare, measure_student
 

@@ -100,3 +100,27 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="input 0: the question"):
         read_inputs([b"x"], [" "])
     assert take([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_breakdown_times_every_graph_node_and_the_student_stages(measured):
+    """``benchmarks.breakdown`` on the real (tiny) graph and the torch student: every node of the
+    graph and every stage of the student is timed inside its real run; the stages that run one
+    after the other fit in the request, and the image decode is part of the student's prepare."""
+    from benchmarks.breakdown import breakdown
+
+    _, _, spec, (folder, images, questions) = measured
+    res = breakdown(folder, spec, images, questions, repeats=2, backend="torch")
+    graph, student = res["graph"], res["student"]
+    nodes = [f"node {n}" for n in graph["nodes"]]
+    assert set(graph["nodes"]) == {"detector", "retriever", "reasoner"}
+    assert all(graph["stages_ms"][n] > 0 for n in nodes)
+    assert sum(graph["stages_ms"][n] for n in nodes) <= graph["request_ms"] * 1.05
+    s = student["stages_ms"]
+    assert student["backend"] == "torch"
+    assert {"prepare: decode, resize, tokenize", "model forward (torch)", "of which: image decode"} <= set(s)
+    assert all(v > 0 for v in s.values())
+    serial = s["prepare: decode, resize, tokenize"] + s["model forward (torch)"]
+    assert serial <= student["request_ms"] * 1.05
+    assert s["of which: image decode"] < s["prepare: decode, resize, tokenize"]
+    assert res["speedup"] == pytest.approx(graph["request_ms"] / student["request_ms"])
+    assert res["student_budget_ms"] == pytest.approx(graph["request_ms"] / 20)

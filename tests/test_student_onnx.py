@@ -174,3 +174,19 @@ def test_int8_graphs_are_calibrated_chosen_by_auto_and_agrees(folder, tmp_path):
     assert [sorted(g["detector"]["labels"]) for g in got] == [sorted(w["detector"]["labels"]) for w in want]
     with pytest.raises(ValueError, match="no int8 graphs"):
         StudentPredictor.load(out, backend="onnx-int8")  # exported without calibration inputs
+
+
+def test_breakdown_times_the_onnx_students_graphs_inside_its_run(folder):
+    """``benchmarks.breakdown`` wraps the runner's sessions, not a copy of them: the vision and
+    text graphs are each run once a request, the detection post-processing beside the text graph."""
+    from benchmarks.breakdown import student_breakdown
+
+    out, records = folder
+    res = student_breakdown(out, [(r.image_bytes, r.question) for r in records], repeats=2, backend="onnx")
+    s, calls = res["stages_ms"], res["calls"]
+    assert res["backend"] == "onnx"
+    assert calls["vision graph"] == calls["text graph (beside the detection post)"] == 1
+    assert s["vision graph"] > 0 and s["detection post (beside the text graph)"] > 0
+    serial = s["prepare: decode, resize, tokenize"] + s["vision graph"] + max(
+        s["text graph (beside the detection post)"], s["detection post (beside the text graph)"])
+    assert serial <= res["request_ms"] * 1.05
