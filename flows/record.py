@@ -76,7 +76,7 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
     if p.bad:
         store.append(p.bad)
         summarize(summary, p.bad)
-    progress_id = create_progress_artifact(progress=0.0, key="record-progress",
+    progress_id = create_progress_artifact(progress=0.0 if p.todo else 100.0, key="record-progress",
                                            description="Inputs recorded in this run (%)")
     if p.todo:
         graph.load()
@@ -88,8 +88,6 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
         done += len(shard)
         update_progress_artifact(progress_id, 100.0 * done / len(p.todo))
         _notify(done, len(p.todo))
-    if not p.todo:
-        update_progress_artifact(progress_id, 100.0)
     summary.version = store.version
     summary.seconds = time.perf_counter() - t0
     _publish(summary)

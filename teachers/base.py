@@ -17,6 +17,8 @@ name an import path (a spec typed into the Prefect UI must not be able to run co
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,11 +120,29 @@ def node_class(key: str) -> type[TeacherNode]:
         raise KeyError(f"unknown teacher node type {key!r}; known types: {known}") from None
 
 
+# (resolved path) -> (size, mtime_ns, inode, time it was hashed in ns, sha256): a file's hash is
+# reused while its stat is unchanged, as git's index and DVC's state do. A file changed within
+# RACY_NS of being hashed could change again with the same stat (timestamps are coarse), so its
+# hash is never reused (git's "racy" rule).
+_HASHES: dict[str, tuple[int, int, int, int, str]] = {}
+RACY_NS = 2_000_000_000
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes; remembered in this process while the file's size, mtime and
+    inode stay the same (a rerun's graph fingerprint re-reads none of the teachers' ~100 MB)."""
+    key = str(Path(path).resolve())
+    st = os.stat(key)
+    known = _HASHES.get(key)
+    if known is not None and known[:3] == (st.st_size, st.st_mtime_ns, st.st_ino) \
+            and st.st_mtime_ns < known[3] - RACY_NS:
+        return known[4]
+    hashed_at = time.time_ns()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(key, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    _HASHES[key] = (st.st_size, st.st_mtime_ns, st.st_ino, hashed_at, h.hexdigest())
     return h.hexdigest()
 
 

@@ -90,3 +90,32 @@ def test_fingerprint_changes_with_config_and_weights(tmp_path):
     assert TeacherGraph(changed).fingerprint != fp
     docs.write_text('{"id": "1", "text": "b"}\n')  # same config, different file content
     assert TeacherGraph(spec).fingerprint != fp
+
+
+def test_file_hashes_are_reused_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """The fingerprint's file hashes are kept per (size, mtime, inode), as git's index keeps them:
+    an unchanged file is not read again, a rewritten one is, and a file changed moments before it
+    was hashed (coarse timestamps could hide a second change) is read every time."""
+    import hashlib
+    import os
+    import time
+
+    import pytest
+
+    import teachers.base as base
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x" * 1000)
+    old = time.time() - 60
+    os.utime(f, (old, old))
+    assert base.sha256_file(f) == hashlib.sha256(b"x" * 1000).hexdigest()
+    with monkeypatch.context() as m:
+        m.setattr(base, "open", lambda *a, **k: pytest.fail("an unchanged file was read again"), raising=False)
+        assert base.sha256_file(f) == hashlib.sha256(b"x" * 1000).hexdigest()
+    f.write_bytes(b"y" * 1000)  # the same size, a new mtime
+    assert base.sha256_file(f) == hashlib.sha256(b"y" * 1000).hexdigest()
+    reads = []
+    real_open = open
+    monkeypatch.setattr(base, "open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k), raising=False)
+    base.sha256_file(f), base.sha256_file(f)
+    assert len(reads) == 2  # changed just now: never taken from memory
