@@ -3,9 +3,9 @@
     python -m benchmarks.record [--n 256] [--preset full]
 
 Prints: Prefect local-server start-up (its own line), direct-loop time (the same models and the
-same store appends in a plain loop), flow time and their ratio (goal <= 1.10), the rerun time (median of three) as a fraction of the first run
-(goal <= 5%), and the stored
-soft-label bytes per generated token (goal <= 128 B at k = 20).
+same store appends in a plain loop), flow time and their ratio (goal <= 1.10), the rerun time
+(median of three) as a fraction of the first run (goal <= 5%), and the stored soft-label bytes
+per generated token (goal <= 128 B at k = 20).
 """
 
 from __future__ import annotations
