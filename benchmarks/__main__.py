@@ -108,7 +108,8 @@ def breakdown_lines(res: dict | None) -> list[str]:
     if not res or "student" not in res:
         return []
     lines = ["", "## Where a batch-1 request's time goes", "",
-             f"Speed-up in this breakdown {res['speedup']:.1f}x; for {res['goal']:.0f}x the student may take "
+             f"Speed-up in this breakdown (median of its passes' ratios; the goal's figure is the paired one above) "
+             f"{res['speedup']:.1f}x; for {res['goal']:.0f}x the student may take "
              f"{res['student_budget_ms']:.2f} ms a request.", "",
              "| side | stage | ms per request | share |", "|---|---|---|---|"]
     for side in ("graph", "student"):

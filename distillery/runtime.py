@@ -11,7 +11,6 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import platformdirs
 
@@ -83,27 +82,17 @@ def torch_threads(n: int | None = None):
         torch.set_num_threads(before)
 
 
-_QUIET: tuple[Any, Any] | None = None  # (settings, the same without heartbeats), for local_prefect
-
-
 @contextmanager
 def local_prefect():
     """Flows run in this process on Prefect's embedded server (no ``PREFECT_API_URL``) send no
     heartbeats: no worker watches them there, and each flow would wait ~1 s for the heartbeat
     thread at its end (a rerun that records nothing would take 1.1 s instead of 0.15 s)."""
-    global _QUIET
     if os.environ.get("PREFECT_API_URL"):
         yield
         return
-    import prefect.context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    # What ``temporary_settings`` does, with the copy made once per settings object (a copy of
-    # Prefect's settings costs ~30 ms: 10% of a rerun that has nothing to record).
-    ctx = prefect.context.get_settings_context()
-    if _QUIET is None or _QUIET[0] is not ctx.settings:
-        _QUIET = (ctx.settings, ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
-    with prefect.context.SettingsContext(profile=ctx.profile, settings=_QUIET[1]):
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 

@@ -146,6 +146,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def forget_file_hashes() -> None:
+    """Forget the hashes ``sha256_file`` remembers (what a new process starts with)."""
+    _HASHES.clear()
+
+
 def path_identity(value: str) -> str:
     """sha256 of a file, or of a folder's files (names + contents), or the string for hub ids."""
     p = Path(value)

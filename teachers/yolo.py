@@ -151,6 +151,7 @@ class YoloNode(TeacherNode):
         runtime.quiet_ultralytics()
         cfg = self.config
         _check_local_path(self.name, cfg.weights)
+        _check_weights_only(self.name, cfg.weights)
         with runtime.torch_threads():
             model = YOLO(cfg.weights, task=cfg.task)
         found = guess_model_task(model.model)
@@ -228,6 +229,23 @@ def _check_local_path(node: str, weights: str) -> None:
     p = Path(weights).expanduser()
     if (p.is_absolute() or p.parent != Path(".")) and not p.exists():
         raise FileNotFoundError(f"yolo node {node!r}: weights file {weights!r} does not exist")
+
+
+def _check_weights_only(node: str, weights: str) -> None:
+    """A ``.pt`` file is a pickle, and Ultralytics unpickles it in full (``weights_only=False``)
+    unless ``ULTRALYTICS_SAFE_LOAD`` was set before it was imported: load it first with
+    ``weights_only=True`` against Ultralytics' allow-list of its own classes, so a checkpoint that
+    names anything else is refused before any code of it can run (weights come from specs, which
+    the Prefect UI edits)."""
+    if not str(weights).endswith(".pt") or not Path(weights).expanduser().is_file():
+        return  # a model YAML builds a random model; a bare name is Ultralytics' (offline: refused later)
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        torch_safe_load(str(Path(weights).expanduser()), safe_only=True)
+    except TypeError as e:
+        raise ValueError(f"yolo node {node!r}: weights {weights!r} refused by a weights-only load "
+                         f"(not a plain Ultralytics checkpoint): {str(e).splitlines()[0]}") from None
 
 
 def _check_aligned(probs, conf, cls) -> None:

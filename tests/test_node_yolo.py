@@ -265,3 +265,27 @@ def test_predicting_leaves_torch_thread_count_alone(nodes, images):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _Payload:
+    """A pickle that would create a folder when unpickled in full."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_weights_that_would_run_code_are_refused_unrun(tmp_path):
+    """Weights come from specs (the Prefect UI edits them): a .pt naming anything but Ultralytics'
+    own classes is refused by a weights-only load before any of it runs."""
+    import torch
+
+    marker, bad = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save({"model": _Payload(marker)}, bad)
+    with pytest.raises(ValueError, match="yolo node 'x': weights .*evil.pt.* refused by a weights-only load"):
+        YoloNode("x", YoloConfig(weights=str(bad))).load()
+    assert not marker.exists()

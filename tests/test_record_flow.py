@@ -51,6 +51,17 @@ def counting(monkeypatch):
     return calls
 
 
+def _progress(flow_run_id) -> float:
+    """The record-progress artifact's value for one flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["record-progress"])))
+    return art.data
+
+
 def test_record_flow_writes_every_node_and_rerun_calls_no_teacher(tiny_demo, tmp_path, prefect_harness, counting):
     from flows.record import record_flow
 
@@ -79,10 +90,12 @@ def test_record_flow_writes_every_node_and_rerun_calls_no_teacher(tiny_demo, tmp
 
     counting.clear()
     version = store.version
-    second = record_flow(spec=spec, inputs=str(inputs), traces=traces)
+    state = record_flow(spec=spec, inputs=str(inputs), traces=traces, return_state=True)
+    second = state.result()
     assert counting == [], "a rerun over the same inputs and graph must make zero teacher calls"
     assert second["written"] == 0 and second["quarantined"] == 0 and second["skipped"] == 13
     assert store.version == version
+    assert _progress(state.state_details.flow_run_id) == 100.0  # the UI shows a rerun with nothing to do as done
 
     # Changing one node's config changes the fingerprint: everything is recorded again.
     changed = spec.model_copy(deep=True)
