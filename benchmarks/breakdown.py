@@ -186,19 +186,13 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.student import get_student, parser, test_inputs, workdir_of
-    from distillery import runtime
+    from benchmarks.student import parser, prepared, test_inputs
 
     ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=16, help="distinct test requests to time on")
     ap.add_argument("--repeats", type=int, default=5, help="alternating passes of each side; medians are shown")
     args = ap.parse_args(argv)
-    runtime.configure()
-    from students.fidelity import demo_setup
-
-    workdir = workdir_of(args)
-    student = get_student(args, workdir)
-    world, spec = demo_setup(workdir, args.preset)
+    student, world, spec = prepared(args)
     res = breakdown(student, spec, *test_inputs(world, args.inputs), repeats=args.repeats)
     report(res)
     return res

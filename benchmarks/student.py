@@ -64,6 +64,19 @@ def get_student(args, workdir: Path) -> Path:
     return train(spec, str(traces), out_dir=out, progress=False).out_dir
 
 
+def prepared(args) -> tuple[Path, object, object]:
+    """(the student, the demo world, its spec) for parsed ``parser`` args, the process configured."""
+    from distillery import runtime
+
+    runtime.configure()
+    from students.fidelity import demo_setup
+
+    workdir = workdir_of(args)
+    student = get_student(args, workdir)
+    world, spec = demo_setup(workdir, args.preset)
+    return student, world, spec
+
+
 def test_inputs(world, n: int) -> tuple[list[Path], list[str]]:
     reqs = world.annotations("test")["requests"][:n]
     return [world.split_dir("test") / r["image"] for r in reqs], [r["question"] for r in reqs]
@@ -75,15 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="torch device of the student and every teacher node")
     ap.add_argument("--rounds", type=int, default=5, help="alternating student/graph rounds for the paired speed-up")
     args = ap.parse_args(argv)
-    from distillery import runtime
-
-    runtime.configure()
+    student, world, spec = prepared(args)
     from students.efficiency import measure
-    from students.fidelity import demo_setup
 
-    workdir = workdir_of(args)
-    student = get_student(args, workdir)
-    world, spec = demo_setup(workdir, args.preset)
     images, questions = test_inputs(world, args.inputs)
     res = measure(student, spec, images, questions, batch_sizes=(1, 16), device=args.device)
     out = {**res["ratios"], "student": res["student"], "graph": res["graph"], "student_dir": str(student),
