@@ -84,8 +84,9 @@ def _per_request(clock: _Clock, n: int) -> None:
 def student_pass(model_dir: str | Path, pairs: list[tuple[bytes, str]],
                  backend: str = "auto") -> tuple[Callable[[_Clock], float], dict[str, Any]]:
     """A loaded, warmed-up student (on the CPU) and one timed pass over ``pairs`` at batch 1 (ms a request)."""
-    from registry.pull import student_dir
-    from students.predictor import StudentPredictor, read_image
+    from distillery.registry.pull import student_dir
+    from distillery.images import read_image
+    from distillery.students.serving.predictor import StudentPredictor
 
     p = StudentPredictor.load(student_dir(model_dir), backend=backend)
     requests = [[{"image": img, "question": q}] for img, q in pairs]
@@ -120,11 +121,11 @@ def student_pass(model_dir: str | Path, pairs: list[tuple[bytes, str]],
 def graph_pass(spec, pairs: list[tuple[bytes, str]]) -> tuple[Callable[[_Clock], float], dict[str, Any]]:
     """The loaded teacher graph (every node on the CPU), warmed up, and one timed pass over
     ``pairs`` at batch 1 as the recorder runs it, node by node (ms a request)."""
-    from students.efficiency import requests_of, spec_on_device
-    from teachers.graph import TeacherGraph
-    from teachers.record import run_shard
+    from distillery.students.evaluation.efficiency import requests_of, spec_on_device
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.record import run_shard
 
-    graph = TeacherGraph(spec_on_device(spec, "cpu")).load()
+    graph = TeacherGraph(spec_on_device(spec, "cpu").teachers).load()
     shards = [requests_of([pair]) for pair in pairs]
     for shard in shards:
         run_shard(graph, shard)
@@ -159,7 +160,7 @@ def breakdown(model_dir: str | Path, spec, images: Sequence, questions: Sequence
               backend: str = "auto") -> dict[str, Any]:
     """Both sides' breakdowns on the CPU, on the same inputs in alternating passes; the speed-up
     (the median of the passes' ratios, as ``paired_speedup``) and the student's budget for the goal."""
-    from students.efficiency import read_inputs
+    from distillery.students.evaluation.efficiency import read_inputs
 
     pairs = read_inputs(images, questions)
     (g_run, g_info), (s_run, s_info) = graph_pass(spec, pairs), student_pass(model_dir, pairs, backend)

@@ -40,7 +40,7 @@ def soft_label_bytes_per_token(traces: str) -> tuple[float, int]:
     token ids themselves, the hard label, add 4 B per token.)"""
     from safetensors.numpy import save as save_arrays
 
-    from teachers.store import TraceStore
+    from distillery.teachers.store import TraceStore
 
     total, tokens = 0, 0
     for rec in TraceStore(traces).read(status="ok", with_images=False):
@@ -61,12 +61,12 @@ def time_direct(spec, inputs: Path, traces: str) -> float:
     """What a plain script would do without Prefect: a fresh graph, models loaded, inputs checked,
     the nodes over the same shards, each shard appended to a trace store (the same work as the
     flow, so the ratio is Prefect's own cost: tasks, states, the result of each)."""
-    from teachers.graph import TeacherGraph
-    from teachers.record import plan, run_shard, shards
-    from teachers.store import TraceStore
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.record import plan, run_shard, shards
+    from distillery.teachers.store import TraceStore
 
     t0 = time.perf_counter()
-    graph = TeacherGraph(spec).load()
+    graph = TeacherGraph(spec.teachers).load()
     store = TraceStore(traces)
     todo = plan(spec, str(inputs), store, graph.fingerprint).todo
     for shard in shards(todo, spec.record.shard_size):
@@ -76,7 +76,7 @@ def time_direct(spec, inputs: Path, traces: str) -> float:
 
 def time_flow(spec, inputs: Path, traces: str) -> tuple[float, dict]:
     """The record flow as `distillery record` runs it (no heartbeats on the embedded server)."""
-    from flows.record import record_flow
+    from distillery.flows.record import record_flow
 
     with runtime.local_prefect():
         t0 = time.perf_counter()
@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-record-"))
     runtime.configure()
 
-    from demo.pipeline import write_spec
-    from demo.teachers import ensure_teachers
-    from demo.world import WorldConfig, build_world
-    from distillery.spec import load_spec
-    from teachers.base import forget_file_hashes
-    from teachers.graph import TeacherGraph
-    from teachers.record import plan, run_shard, shards
-    from teachers.store import TraceStore
+    from distillery.demo.pipeline import write_spec
+    from distillery.demo.teachers import ensure_teachers
+    from distillery.demo.world import WorldConfig, build_world
+    from distillery.flows.spec import load_spec
+    from distillery.teachers.base import forget_file_hashes
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.record import plan, run_shard, shards
+    from distillery.teachers.store import TraceStore
 
     world = build_world(WorldConfig.preset(args.preset), work / "world")
     teachers = ensure_teachers(world, args.preset, work / "teachers")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 0. Warm-up, untimed: the FAISS index cache, the OS file cache and first-call costs, so
     #    neither side below pays for them alone.
-    graph = TeacherGraph(spec).load()
+    graph = TeacherGraph(spec.teachers).load()
     shutil.rmtree(work / "empty.lance", ignore_errors=True)
     todo = plan(spec, str(inputs), TraceStore(work / "empty.lance"), graph.fingerprint).todo
     run_shard(graph, next(iter(shards(todo, spec.record.shard_size))))

@@ -32,7 +32,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def workdir_of(args) -> Path:
-    from demo.pipeline import default_workdir
+    from distillery.demo.pipeline import default_workdir
 
     wd = Path(args.workdir or default_workdir()).resolve()
     if args.preset == "tiny" and args.workdir is None:
@@ -43,8 +43,8 @@ def workdir_of(args) -> Path:
 
 def get_student(args, workdir: Path) -> Path:
     """--student, else the demo's pulled student, else train one on the demo's train traces."""
-    from students.fidelity import demo_setup, record_split
-    from students.train import train
+    from distillery.students.evaluation.fidelity import demo_setup, record_split
+    from distillery.students.training.train import train
 
     if args.student is not None:
         return args.student
@@ -69,7 +69,7 @@ def prepared(args) -> tuple[Path, object, object]:
     from distillery import runtime
 
     runtime.configure()
-    from students.fidelity import demo_setup
+    from distillery.students.evaluation.fidelity import demo_setup
 
     workdir = workdir_of(args)
     student = get_student(args, workdir)
@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="alternating student/graph rounds for the paired speed-up")
     args = ap.parse_args(argv)
     student, world, spec = prepared(args)
-    from students.efficiency import measure
+    from distillery.students.evaluation.efficiency import measure
 
     images, questions = test_inputs(world, args.inputs)
     res = measure(student, spec, images, questions, batch_sizes=(1, 16), device=args.device)
     out = {**res["ratios"], "student": res["student"], "graph": res["graph"], "student_dir": str(student),
            "preset": args.preset, "device": res["device"], "backend": res["student"]["backend"]}
     report(res)
-    from students.efficiency import paired_speedup
+    from distillery.students.evaluation.efficiency import paired_speedup
 
     paired = paired_speedup(student, spec, images, questions, rounds=args.rounds, device=args.device)
     out["speedup_batch1_paired"], out["paired"] = paired["speedup"], paired
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["breakdown"] = breakdown(student, spec, images, questions)  # where each side's batch-1 request goes
     report_breakdown(out["breakdown"])
     if res["student"]["backend"] != "torch":  # the same student on eager torch, against the same graph run
-        from students.efficiency import compare, measure_student
+        from distillery.students.evaluation.efficiency import compare, measure_student
 
         eager = measure_student(student, images, questions, batch_sizes=(1, 16), device=args.device, backend="torch")
         out["torch"] = {**compare(eager, res["graph"]), "student": eager}
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
 def backend_agreement(student: Path, images: list[Path], questions: list[str], backend: str) -> dict:
     """How often the backend's outputs equal the torch student's (int8 quantization may change
     some): answers, detected labels (as multisets), the top retrieved document."""
-    from registry.pull import student_dir
-    from students.predictor import StudentPredictor
+    from distillery.registry.pull import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
 
     folder = student_dir(student)
     fast, ref = StudentPredictor.load(folder, backend=backend), StudentPredictor.load(folder, backend="torch")

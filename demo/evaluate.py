@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from demo import kb, retrieval
-from demo.llm_teacher import generate, load_llm
-from demo.world import World
+from distillery.demo import kb
+from distillery.demo import retrieval
+from distillery.demo.llm_teacher import generate, load_llm
+from distillery.demo.world import World
 
 
 def yolo_metrics(weights: Path, world: World, split: str, imgsz: int) -> dict[str, float]:
@@ -40,8 +41,8 @@ def yolo_detections(weights: Path, images: list[Path], imgsz: int, conf: float =
     node (``teachers.yolo``: the same masks, areas and summary the teacher graph records)."""
     from PIL import Image
 
-    from teachers.base import NodeInput
-    from teachers.yolo import YoloConfig, YoloNode, large_labels
+    from distillery.teachers.base import NodeInput
+    from distillery.teachers.nodes.yolo import YoloConfig, YoloNode, large_labels
 
     node = YoloNode("detector", YoloConfig(weights=str(weights), task="segment", imgsz=imgsz, conf=conf,
                                            large_area=kb.LARGE_AREA, device="cpu"))

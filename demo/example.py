@@ -31,9 +31,9 @@ def _cmd(*args: Any) -> str:
 
 def build_example(directory: str | Path) -> dict[str, Any]:
     """Build (or reuse) the example in ``directory``; returns its paths and the commands."""
-    from demo.pipeline import write_spec
-    from demo.teachers import ensure_teachers, fingerprint
-    from demo.world import WorldConfig, build_world
+    from distillery.demo.pipeline import write_spec
+    from distillery.demo.teachers import ensure_teachers, fingerprint
+    from distillery.demo.world import WorldConfig, build_world
     from distillery import runtime
 
     runtime.configure()

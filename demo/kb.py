@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from teachers.yolo import describe_detections  # noqa: F401  (the detector node's `summary`)
+from distillery.teachers.nodes.yolo import describe_detections  # noqa: F401  (the detector node's `summary`)
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")

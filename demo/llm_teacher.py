@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from demo import kb, retrieval
+from distillery.demo import kb
+from distillery.demo import retrieval
 
 SPECIALS = ["<pad>", "<unk>", "<eos>", "<think>", "</think>"]
 

@@ -77,7 +77,7 @@ PRESETS = {
 def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Path, preset: str) -> Path:
     """The demo's spec: a YOLO segmenter (whose masks say which objects are large), a MiniLM+FAISS
     retriever and a reasoning LLM."""
-    from demo.kb import LARGE_AREA, PROMPT_TEMPLATE
+    from distillery.demo.kb import LARGE_AREA, PROMPT_TEMPLATE
 
     spec = {
         "name": name,
@@ -121,8 +121,8 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
     t_start = time.perf_counter()
     rep = DemoReport(workdir=str(workdir), preset=preset)
 
-    from demo.teachers import ensure_teachers
-    from demo.world import WorldConfig, build_world
+    from distillery.demo.teachers import ensure_teachers
+    from distillery.demo.world import WorldConfig, build_world
 
     world = rep.stage("world", lambda: build_world(WorldConfig.preset(preset), workdir / "world"))
     teachers = rep.stage("teachers", lambda: ensure_teachers(world, preset, workdir / "teachers",
@@ -133,7 +133,7 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
     rep.paths.update(spec=str(spec_path), world=str(world.root))
 
     from distillery.cli import run_record_flow
-    from distillery.spec import load_spec
+    from distillery.flows.spec import load_spec
 
     spec = load_spec(spec_path)
     traces = {split: str(workdir / f"traces-{split}.lance") for split in ("train", "test")}
@@ -145,7 +145,7 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
         rep.paths[f"traces_{split}"] = traces[split]
         rep.commands[f"record_{split}"] = f"distillery record {spec_path} --inputs {inputs} --traces {traces[split]}"
 
-    from flows.distill import distill_flow
+    from distillery.flows.distill import distill_flow
 
     result = rep.stage("distill (train -> evaluate -> register -> promote)", lambda: distill_flow(
         spec=spec, inputs=str(world.split_dir("train")), traces=traces["train"],
@@ -171,7 +171,7 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
 
 def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> None:
     """Pull the registered student into a folder and answer one test image from it."""
-    from registry.pull import predict_dir, pull
+    from distillery.registry.pull import predict_dir, pull
 
     first = json.loads(world.requests_path("test").read_text().splitlines()[0])
     image = world.split_dir("test") / first["image"]
@@ -190,8 +190,8 @@ def _is_champion(reg: dict) -> bool:
     """Whether the registered version holds ``champion`` (a warm run reuses an earlier promotion)."""
     from mlflow import MlflowClient
 
-    from registry.config import CHAMPION
-    from registry.models import alias_version
+    from distillery.registry.config import CHAMPION
+    from distillery.registry.models import alias_version
 
     mv = alias_version(MlflowClient(), reg["model_name"], CHAMPION)
     return mv is not None and str(mv.version) == str(reg["version"])
@@ -217,7 +217,7 @@ def _speed(student: Path, spec, world, n: int = 8, rounds: int = 5) -> dict[str,
     (``students.efficiency.paired_speedup``; ``python -m benchmarks.student`` measures more)."""
     import statistics
 
-    from students.efficiency import paired_speedup
+    from distillery.students.evaluation.efficiency import paired_speedup
 
     reqs = world.annotations("test")["requests"][:n]
     images = [world.split_dir("test") / r["image"] for r in reqs]

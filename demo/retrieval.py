@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from demo import kb
+from distillery.demo import kb
 
 
 def embedder():

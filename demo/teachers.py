@@ -13,7 +13,7 @@ base, questions, summary and trace format, ``llm_teacher.world_text``) and its t
 change to the questions therefore retrains the LLM only (``--only llm``), never the segmenter.
 
 ``train_teachers(world, preset, out_dir)`` is the seeded command that produced the shipped assets:
-``python -m demo.teachers --preset full --world WORLD_DIR --out demo/assets``.
+``python -m distillery.demo.teachers --preset full --world WORLD_DIR --out demo/assets``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from demo.evaluate import evaluate_teachers
-from demo.llm_teacher import LLMTrainConfig, train_llm
-from demo.world import World, WorldConfig, build_world, world_digest
+from distillery.demo.evaluate import evaluate_teachers
+from distillery.demo.llm_teacher import LLMTrainConfig, train_llm
+from distillery.demo.world import World, WorldConfig, build_world, world_digest
 
 ASSETS = Path(__file__).parent / "assets"
 YOLO_FILE = "yolo_seg.pt"
@@ -146,7 +146,7 @@ def finalize(out_dir: Path, world: World, preset: str, metrics: dict) -> Teacher
               "world_digest": world_digest(world.config),
               "train": cfg.model_dump(mode="json"), "fingerprints": fingerprints(world.config, preset),
               "fingerprint": fingerprint(world.config, preset),
-              "command": f"python -m demo.teachers --preset {preset} --world WORLD_DIR --out {out_dir}"}
+              "command": f"python -m distillery.demo.teachers --preset {preset} --world WORLD_DIR --out {out_dir}"}
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=1))
     write_sums(out_dir)
     return TeacherArtifacts(yolo_weights=out_dir / YOLO_FILE, llm_dir=out_dir / LLM_DIR, metrics=metrics)
@@ -209,7 +209,7 @@ def _hash(obj) -> str:
 def fingerprints(world_cfg: WorldConfig, preset: str) -> dict[str, str]:
     """Per teacher, a hash of what it was trained on: ``yolo``: the world config and its training
     config; ``llm``: every text it reads or writes (``world_text``) and its training config."""
-    from demo.llm_teacher import world_text
+    from distillery.demo.llm_teacher import world_text
 
     cfg = _preset(preset)
     return {"yolo": _hash({"world": world_cfg.model_dump(), "train": cfg.yolo.model_dump(mode="json")}),

@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from demo import kb
+from distillery import rle
+from distillery.demo import kb
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 2  # 2: large objects and the questions about them
@@ -182,17 +182,6 @@ def draw_scene(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarray, li
 # Ground truth encodings
 # ---------------------------------------------------------------------------------------------
 
-def encode_rle(mask: np.ndarray) -> dict:
-    """COCO RLE of an (H, W) bool mask, JSON-ready (``counts`` as str)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """(H, W) bool mask from ``encode_rle``'s output."""
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
-
-
 def yolo_polygon(mask: np.ndarray) -> list[float]:
     """Largest outer contour of a mask as normalized x y pairs (YOLO segmentation label)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -210,7 +199,7 @@ def image_record(file: str, objects: list[SceneObject], size: int) -> dict:
         "large": [o.label for o in objects if o.mask.sum() >= kb.LARGE_AREA * size * size],
         "objects": [{"class_id": o.class_id, "label": o.label, "box": o.box,
                      "box_norm": [round(v / size, 6) for v in o.box],
-                     "area": int(o.mask.sum()), "mask": encode_rle(o.mask)} for o in objects],
+                     "area": int(o.mask.sum()), "mask": rle.encode(o.mask)} for o in objects],
     }
 
 

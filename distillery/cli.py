@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def _load_spec(path: Path):
     from pydantic import ValidationError
 
-    from distillery.spec import SpecError, load_spec
+    from distillery.flows.spec import SpecError, load_spec
 
     try:
         return load_spec(path)
@@ -62,7 +62,7 @@ def run_record_flow(spec, inputs: Path, traces: str, show_progress: bool = True)
     """Run the record flow in this process (Prefect's ephemeral server), with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.record import add_progress_listener, record_flow
+    from distillery.flows.record import add_progress_listener, record_flow
 
     with Progress(TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress) as bar:
@@ -99,7 +99,7 @@ def demo(
     """Run the whole platform on a synthetic world: world, teachers, record, train, register, predict."""
     import os
 
-    from demo.pipeline import default_workdir, prepare_workdir
+    from distillery.demo.pipeline import default_workdir, prepare_workdir
 
     if preset not in ("full", "tiny"):
         console.print(f"[red]--preset {preset!r}: choose full or tiny[/red]")
@@ -112,7 +112,7 @@ def demo(
     # Prefect and MLflow keep their state in the workdir so the UIs show this demo's runs.
     os.environ.setdefault("PREFECT_HOME", str(wd / "prefect"))
     runtime.configure()
-    from demo.pipeline import run_demo
+    from distillery.demo.pipeline import run_demo
 
     with runtime.local_prefect():
         run_demo(wd, preset=preset, train_teachers=train_teachers)
@@ -129,9 +129,9 @@ def train(
     """Train the student on a trace-store version (progress bar, per-epoch metrics)."""
     runtime.configure()
     s = _load_spec(spec)
-    from students.train import train as run_train
+    from distillery.students.training.train import train as run_train
 
-    from teachers.store import TraceStore, parse_traces_ref
+    from distillery.teachers.store import TraceStore, parse_traces_ref
 
     uri = traces or str(spec.resolve().parent / "traces.lance")
     try:
@@ -170,8 +170,8 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
     The MLflow store: ``tracking_uri``, else the demo's (``$MLFLOW_TRACKING_URI``, else
     ``workdir/runs/mlflow.db``). Raises FileNotFoundError / LookupError / ValueError (or MLflow's
     error) for bad input."""
-    from registry.config import RegistryConfig
-    from registry.pull import download_logged, pull, student_dir
+    from distillery.registry.config import RegistryConfig
+    from distillery.registry.pull import download_logged, pull, student_dir
 
     path = Path(model_uri).expanduser()
     if path.is_dir():
@@ -215,9 +215,9 @@ def evaluate(
     runtime.configure()
     from mlflow.exceptions import MlflowException
 
-    from demo.pipeline import default_workdir
-    from demo.teachers import AssetError
-    from students.fidelity import run_eval
+    from distillery.demo.pipeline import default_workdir
+    from distillery.demo.teachers import AssetError
+    from distillery.students.evaluation.fidelity import run_eval
 
     wd = (workdir or default_workdir()).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="distillery-eval-") as tmp:
@@ -253,7 +253,7 @@ def example(
 
     DIR gets a tiny world (images, requests, documents), tiny teachers trained here, a spec; reruns reuse them."""
     runtime.configure()
-    from demo.example import build_example
+    from distillery.demo.example import build_example
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout: the command (or the JSON) only
@@ -284,7 +284,7 @@ def distill(
     """Record -> train -> evaluate -> register -> promote (the Prefect `distill` flow, locally)."""
     runtime.configure()
     s = _load_spec(spec)
-    from flows.distill import distill_flow
+    from distillery.flows.distill import distill_flow
 
     base = spec.resolve().parent
     with runtime.local_prefect():
@@ -302,7 +302,7 @@ def pull(
 ) -> None:
     """Download a registered student into a folder that answers with no MLflow server."""
     runtime.configure()
-    from registry.pull import pull as do_pull
+    from distillery.registry.pull import pull as do_pull
 
     console.print(f"pulled into {do_pull(model, to, tracking_uri=tracking_uri)}")
 
@@ -317,7 +317,7 @@ def predict(
 ) -> None:
     """Answer one image + question with a student folder (JSON out)."""
     runtime.configure()
-    from registry.pull import predict_dir
+    from distillery.registry.pull import predict_dir
 
     try:
         print(json.dumps(predict_dir(model_dir, image, question, backend=backend), default=str))
@@ -341,7 +341,7 @@ def serve(
     s = _load_spec(spec)
     from prefect import serve as prefect_serve
 
-    from flows.deployments import build_deployments
+    from distillery.flows.deployments import build_deployments
 
     base = spec.resolve().parent
     deps = build_deployments(s, str(inputs.resolve()), traces or str(base / "traces.lance"),

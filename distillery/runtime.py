@@ -82,6 +82,21 @@ def torch_threads(n: int | None = None):
         torch.set_num_threads(before)
 
 
+def resolve_device(choice=None, index: int = 0):
+    """The torch device a setting names: ``None`` or ``auto``: CUDA (device ``index``, the local
+    rank under torchrun) when torch sees one, else the CPU; ``cuda`` without a GPU is a clear
+    error; anything else as torch reads it (``cpu``, ``cuda:1``, a ``torch.device``)."""
+    import torch
+
+    if choice is None or choice == "auto":
+        return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", index)
+    return torch.device(choice)
+
+
 @contextmanager
 def local_prefect():
     """Flows run in this process on Prefect's embedded server (no ``PREFECT_API_URL``) send no

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillery.spec import Spec
+from distillery.flows.spec import Spec
 
 DEFAULT_CRON = "0 3 * * *"  # nightly: new data -> new student
 
@@ -16,8 +16,8 @@ DEFAULT_CRON = "0 3 * * *"  # nightly: new data -> new student
 def build_deployments(spec: Spec, inputs: str, traces: str, workdir: str, cron: str = DEFAULT_CRON,
                       eval_inputs: str | None = None) -> list:
     """``distill/manual`` (for the UI), ``distill/recurring`` (cron, warm-started), ``train/local``."""
-    from flows.distill import distill_flow
-    from flows.train import train_flow
+    from distillery.flows.distill import distill_flow
+    from distillery.flows.train import train_flow
 
     params = {"spec": spec.model_dump(mode="json"), "inputs": inputs, "traces": traces,
               "workdir": workdir, "eval_inputs": eval_inputs}

@@ -27,9 +27,9 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from distillery.spec import Spec
-from flows.record import record_flow
-from flows.train import read_result, train_flow
+from distillery.flows.spec import Spec
+from distillery.flows.record import record_flow
+from distillery.flows.train import read_result, train_flow
 
 SAMPLES = 3  # teacher-vs-student overlays logged per run
 
@@ -77,13 +77,13 @@ def prepare(spec: Spec | None, spec_path: str | None, inputs: str, traces: str, 
     if spec is None:
         if not spec_path:
             raise ValueError("distill: give spec (the form) or spec_path (a spec YAML on the worker)")
-        from distillery.spec import load_spec
+        from distillery.flows.spec import load_spec
 
         spec = load_spec(spec_path)
     if not inputs or not traces:
         raise ValueError("distill: inputs and traces are required")
     from distillery import runtime as dr
-    from registry.models import use_store
+    from distillery.registry.models import use_store
 
     work = Path(workdir or dr.data_dir() / "runs" / spec.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def prepare(spec: Spec | None, spec_path: str | None, inputs: str, traces: str, 
 
 def open_distill_run(spec: Spec, work: Path, traces: str, version: int | None, champion: dict | None) -> str:
     """The distillation's MLflow run (spec logged), opened before training; its id."""
-    from registry.tracking import open_run
+    from distillery.registry.tracking import open_run
 
     tags = {"prefect_flow_run_id": str(runtime.flow_run.id or ""), "traces_uri": traces, "traces_version": version,
             "warm_start_version": champion["version"] if champion else None}
@@ -141,7 +141,7 @@ def evaluate_and_register(spec: Spec, trained: dict, champion: dict | None, run_
         champion_report = evaluate_task(spec, champion["dir"], target, split, eval_dir)
     registered = register_task(spec, trained, report, eval_set=eval_traces or f"{traces}#val", workdir=str(work),
                                run_id=run_id, champion_report=champion_report)
-    from students.fidelity import publish_table
+    from distillery.students.evaluation.fidelity import publish_table
 
     publish_table(report, key="fidelity")
     publish_links(registered)
@@ -156,8 +156,8 @@ def evaluate_task(spec: Spec, student_dir: str, traces: str, split: str = "all",
                   run_id: str | None = None) -> dict:
     """Student vs teacher (and vs truth where the inputs carry it) on a trace store's held-out
     records (``split``: all | val); with ``run_id``, logged into that MLflow run."""
-    from students.fidelity import evaluate_model
-    from students.train import read_traces, split_by_image
+    from distillery.students.evaluation.fidelity import evaluate_model
+    from distillery.students.training.train import read_traces, split_by_image
 
     data = read_traces(spec, traces)
     records = data.records if split == "all" else split_by_image(data.records, spec.training.val_fraction)[1]
@@ -175,7 +175,7 @@ def ground_truth(spec: Spec, inputs_dir: str | None, records: list) -> tuple[lis
     format); without one: no truth, and the question's first two words as its type."""
     path = Path(inputs_dir) / "annotations.json" if inputs_dir else None
     if path is not None and path.is_file():
-        from students.fidelity import demo_ground_truth
+        from distillery.students.evaluation.fidelity import demo_ground_truth
 
         annotations = json.loads(path.read_text())
         try:
@@ -190,10 +190,10 @@ def log_evaluation_run(spec: Spec, report: dict, records: list, student_dir: str
     the per-node bar chart, agreement by question type, teacher-vs-student sample overlays."""
     import mlflow
 
-    from registry.tracking import log_by_type, log_samples, one_per_image, resume_run, sample_overlays
-    from students.evaluate import predict_records
-    from students.fidelity import load_predictor, log_evaluation, nodes_of_type
-    from students.report import flat_metrics
+    from distillery.registry.tracking import log_by_type, log_samples, one_per_image, resume_run, sample_overlays
+    from distillery.students.evaluation.metrics import predict_records
+    from distillery.students.evaluation.fidelity import load_predictor, log_evaluation, nodes_of_type
+    from distillery.students.evaluation.report import flat_metrics
 
     log_evaluation(report, run_id=run_id)
     with resume_run(run_id):
@@ -208,14 +208,14 @@ def log_evaluation_run(spec: Spec, report: dict, records: list, student_dir: str
 
 def forgetting_report(spec: Spec, champion: dict, trained: dict, traces: str) -> dict:
     """Fidelity of the champion and the new student on the old and the new held-out records."""
-    from students.continual import split_increment
-    from students.evaluate import evaluate_student
-    from students.model import MultimodalStudent
-    from students.report import headline_metrics
-    from students.train import split_by_image
-    from teachers.graph import TeacherGraph
+    from distillery.students.training.continual import split_increment
+    from distillery.students.evaluation.metrics import evaluate_student
+    from distillery.students.model.student import MultimodalStudent
+    from distillery.students.evaluation.report import headline_metrics
+    from distillery.students.training.train import split_by_image
+    from distillery.teachers.graph import TeacherGraph
 
-    inc = split_increment(traces, TeacherGraph(spec).fingerprint, trained["traces_version"], champion["traces_version"])
+    inc = split_increment(traces, TeacherGraph(spec.teachers).fingerprint, trained["traces_version"], champion["traces_version"])
     val = lambda recs: split_by_image(recs, spec.training.val_fraction)[1]  # noqa: E731
     old_val, new_val = val(inc.old), val(inc.new)
     new_model = MultimodalStudent.from_pretrained(trained["out_dir"])
@@ -245,8 +245,8 @@ def register_task(spec: Spec, trained: dict, report: dict, eval_set: str, workdi
     """Log the student into the distillation's run, register it, move the aliases."""
     import mlflow
 
-    from registry.models import log_student, promote, register_student
-    from registry.tracking import resume_run
+    from distillery.registry.models import log_student, promote, register_student
+    from distillery.registry.tracking import resume_run
 
     headline = report["headline"]
     lineage = {**trained["lineage"], "traces_uri": trained["traces_uri"],
@@ -283,7 +283,7 @@ def already_registered(spec: Spec, traces: str, version: int | None) -> dict | N
 
 def _champion(spec: Spec, workdir: Path) -> dict | None:
     """The current champion pulled into the workdir, with the trace version it was trained on."""
-    from registry.pull import pull, resolve_version
+    from distillery.registry.pull import pull, resolve_version
 
     name = spec.registry.model_name or spec.name
     try:
@@ -299,7 +299,7 @@ def _champion(spec: Spec, workdir: Path) -> dict | None:
 # -- Prefect artifacts -----------------------------------------------------------------------------
 def publish_forgetting(report: dict, run_id: str) -> None:
     """Forgetting as MLflow metrics (``forgetting.*``) and a Prefect table (``forgetting``)."""
-    from registry.tracking import log_forgetting, resume_run
+    from distillery.registry.tracking import log_forgetting, resume_run
 
     with resume_run(run_id):
         log_forgetting(report)

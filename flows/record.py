@@ -16,11 +16,11 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from distillery.spec import Spec
-from teachers.graph import NodeResult, TeacherGraph
-from teachers.record import RecordSummary, plan, run_shard, shards, summarize
-from teachers.records import Request
-from teachers.store import TraceStore
+from distillery.flows.spec import Spec
+from distillery.teachers.graph import NodeResult, TeacherGraph
+from distillery.teachers.record import RecordSummary, plan, run_shard, shards, summarize
+from distillery.teachers.records import Request
+from distillery.teachers.store import TraceStore
 
 
 @task(name="run-node", cache_policy=NO_CACHE, task_run_name="{name} shard {shard}")
@@ -67,7 +67,7 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
-    graph = TeacherGraph(spec)
+    graph = TeacherGraph(spec.teachers)
     store = TraceStore(traces)
     p = plan(spec, inputs, store, graph.fingerprint)
     summary = RecordSummary(skipped=p.skipped, traces=traces, fingerprint=graph.fingerprint)

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from distillery.spec import Spec
+from distillery.flows.spec import Spec
 
 RESULT_FILE = "train_result.json"  # the flow's return value, beside the student
 
@@ -40,8 +40,8 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
         tracking_uri: the MLflow store of that run (None: $MLFLOW_TRACKING_URI / already set).
         progress: draw the progress bar (on a terminal) and print each epoch's table of losses.
     """
-    from registry.tracking import training_run
-    from students.train import train
+    from distillery.registry.tracking import training_run
+    from distillery.students.training.train import train
 
     replay, only_new = continual_selection(spec, traces, version, since_version)
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training steps (%)")
@@ -70,12 +70,12 @@ def continual_selection(spec: Spec, traces: str, version: int | None, since_vers
     """(replay sample, ids of the new records) for a continual run; (None, None) otherwise."""
     if since_version is None:
         return None, None
-    from students.continual import replay_sample, split_increment
-    from teachers.graph import TeacherGraph
-    from teachers.store import parse_traces_ref
+    from distillery.students.training.continual import replay_sample, split_increment
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.store import parse_traces_ref
 
     uri, ref_version = parse_traces_ref(traces)
-    inc = split_increment(uri, TeacherGraph(spec).fingerprint, version or ref_version, since_version)
+    inc = split_increment(uri, TeacherGraph(spec.teachers).fingerprint, version or ref_version, since_version)
     replay = replay_sample(inc.old, len(inc.new), spec.training.replay_fraction, spec.training.seed)
     get_run_logger().info("continual: %d new records since v%s, %d replayed", len(inc.new), since_version,
                           len(replay))
@@ -84,7 +84,7 @@ def continual_selection(spec: Spec, traces: str, version: int | None, since_vers
 
 def write_result(out_dir: str | Path, result: dict) -> Path:
     """The flow's result as ``out_dir/train_result.json`` (tmp + rename: never half-written)."""
-    from students.train import write_json
+    from distillery.students.training.train import write_json
 
     path = Path(out_dir) / RESULT_FILE
     write_json(path, result)

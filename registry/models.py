@@ -30,12 +30,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
-from registry.config import CHALLENGER, CHAMPION, RegistryConfig
-from registry.tracking import setup
+from distillery.registry.config import CHALLENGER, CHAMPION, RegistryConfig
+from distillery.registry.tracking import setup
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-# The packages the pyfunc model imports at load time, copied into the model (its code/ folder).
-CODE_PATHS = tuple(str(Path(__file__).resolve().parents[1] / pkg) for pkg in ("students", "teachers", "registry"))
+# What the pyfunc model imports at load time: the distillery namespace with the ground modules
+# and the students, teachers and registry packages, copied into the model's code/ folder (nothing else lands on sys.path).
 NOT_MODEL_FILES = ("checkpoints", "train_result.json")  # in a student folder, not part of the model
 LOGGED_NAME = "student"  # name of the logged model inside its run
 STUDENT_FILES = ("model.safetensors", "config.json")  # the minimum a student folder holds
@@ -87,11 +87,30 @@ def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], 
         staged = shutil.copytree(model_dir, Path(tmp) / "student", ignore=shutil.ignore_patterns(*NOT_MODEL_FILES))
         info = mlflow.pyfunc.log_model(
             name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(staged)},
-            code_paths=list(CODE_PATHS), signature=SIGNATURE, input_example=example_input(),
+            code_paths=[str(stage_code(Path(tmp) / "code"))], signature=SIGNATURE, input_example=example_input(),
             pip_requirements=cfg.requirements(),
             metadata={"distillery_spec": spec.name, "train_run_id": run.info.run_id},
         )
         return info.model_uri
+
+
+def stage_code(into: Path) -> Path:
+    """``into/distillery``: the ground modules (not the CLI) and the students, teachers and
+    registry packages, copied from wherever they are installed (a checkout's root folders, or
+    site-packages)."""
+    import distillery
+    import distillery.registry
+    import distillery.students
+    import distillery.teachers
+
+    root = into / "distillery"
+    root.mkdir(parents=True)
+    for f in Path(distillery.__file__).parent.glob("*.py"):
+        if f.name != "cli.py":
+            shutil.copy2(f, root / f.name)
+    for pkg in (distillery.students, distillery.teachers, distillery.registry):
+        shutil.copytree(Path(pkg.__file__).parent, root / pkg.__name__.rsplit(".", 1)[1], ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 @contextmanager
@@ -210,7 +229,7 @@ def _source_run_id(model_uri: str) -> str | None:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    from students.report import mlflow_metrics
+    from distillery.students.evaluation.report import mlflow_metrics
 
     return mlflow_metrics(metrics)
 

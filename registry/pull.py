@@ -19,8 +19,8 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from registry.config import CHAMPION
-from registry.models import alias_version, check_student_dir, use_store
+from distillery.registry.config import CHAMPION
+from distillery.registry.models import alias_version, check_student_dir, use_store
 
 
 def model_uri_of(model_ref: str) -> str:
@@ -108,9 +108,9 @@ def student_dir(folder: str | Path) -> Path:
 def predict_dir(folder: str | Path, image: str | Path | bytes, question: str, backend: str = "auto") -> dict:
     """Answer one request from a pulled (or trained) student folder; JSON-serializable result
     (``backend`` as ``StudentPredictor.load``)."""
-    from registry.pyfunc_model import decode_image
-    from students.predictor import StudentPredictor
+    from distillery.images import image_source
+    from distillery.students.serving.predictor import StudentPredictor
 
     image = str(image) if isinstance(image, Path) else image
     predictor = StudentPredictor.load(student_dir(folder), device="cpu", backend=backend)
-    return predictor.predict([{"image": decode_image(image, where="--image"), "question": question}])[0]
+    return predictor.predict([{"image": image_source(image, where="--image"), "question": question}])[0]

@@ -20,16 +20,15 @@ Output: one row per request, columns ``OUTPUT_COLUMNS``:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
+
+from distillery.images import image_source
 
 # Set in MLflow's scoring server process (`mlflow models serve`, its docker image).
 SERVING_ENV = ("__pyfunc_model_path__", "_MLFLOW_IS_IN_SERVING_ENVIRONMENT")
@@ -42,7 +41,7 @@ class StudentModel(PythonModel):
 
     def load_context(self, context) -> None:
         """Device: ``load_model(uri, model_config={"device": "cuda"})``; default cpu."""
-        from students.predictor import StudentPredictor
+        from distillery.students.serving.predictor import StudentPredictor
 
         device = (context.model_config or {}).get("device", "cpu")
         self.predictor = StudentPredictor.load(context.artifacts["student"], device=device)
@@ -81,23 +80,7 @@ def _request(i: int, row: Any, allow_paths: bool) -> dict:
     question = row["question"]
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"model input row {i}: 'question' must be a non-empty string")
-    return {"image": decode_image(row["image"], f"model input row {i}", allow_paths), "question": question}
-
-
-def decode_image(image: Any, where: str = "image", allow_paths: bool = True) -> bytes | str:
-    """bytes -> bytes; an existing file path -> the path (if allowed); otherwise base64 -> bytes."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if not isinstance(image, str) or not image:
-        raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
-    if allow_paths and len(image) < 4096 and not image.startswith("data:") and Path(image).is_file():
-        return image
-    data = image.split(",", 1)[1] if image.startswith("data:") else image
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        what = "an existing file nor valid base64" if allow_paths else "valid base64 (a served model takes no paths)"
-        raise ValueError(f"{where}: 'image' is neither {what}") from None
+    return {"image": image_source(row["image"], f"model input row {i}", allow_paths), "question": question}
 
 
 def flatten_prediction(result: dict) -> dict:

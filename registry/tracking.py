@@ -31,7 +31,7 @@ import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 
-from registry.config import RegistryConfig, artifact_location
+from distillery.registry.config import RegistryConfig, artifact_location
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
@@ -130,7 +130,7 @@ def log_training_params(params: Mapping[str, Any], prefix: str = "train") -> Non
 
 def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
     """One epoch's metrics at step=epoch; non-finite and non-numeric values are skipped."""
-    from students.report import mlflow_metrics
+    from distillery.students.evaluation.report import mlflow_metrics
 
     clean = mlflow_metrics(metrics)
     if clean:
@@ -209,14 +209,14 @@ def log_samples(samples: list[Mapping[str, Any]], name: str = "plots/samples.png
 def _draw_detections(ax, image, det: Mapping[str, Any]) -> None:
     import numpy as np
     from matplotlib.patches import Rectangle
-    from pycocotools import mask as mask_utils
+
+    from distillery import rle
 
     h, w = image.shape[:2]  # (H, W, 3)
     ax.imshow(image)
     ax.axis("off")
-    for rle in _seq(det.get("masks")):
-        counts = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]
-        m = mask_utils.decode({"size": list(rle["size"]), "counts": counts})  # (H, W)
+    for mask in _seq(det.get("masks")):
+        m = rle.decode(mask)  # (H, W)
         ax.imshow(np.ma.masked_where(m == 0, m), alpha=0.4, cmap="autumn", vmin=0, vmax=1)
     names = [str(n) for n in _seq(det.get("labels"))] or [str(int(c)) for c in _seq(det.get("classes"))]
     for i, (x1, y1, x2, y2) in enumerate(_seq(det.get("boxes"))):
@@ -288,7 +288,7 @@ def forgetting_metrics(report: Mapping[str, Any]) -> dict[str, float]:
             out |= {f"forgetting.{split}.{who}.{k}": v for k, v in (part.get(who) or {}).items()}
         if "n" in part:
             out[f"forgetting.{split}.n"] = part["n"]
-    from students.report import mlflow_metrics
+    from distillery.students.evaluation.report import mlflow_metrics
 
     return mlflow_metrics(out)
 

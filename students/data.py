@@ -9,34 +9,25 @@ left out of that node's loss only.
 
 from __future__ import annotations
 
-import io
 import zlib
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from students.config import StudentConfig
-from students.distributed import to_device as batch_to  # noqa: F401  (every tensor of a nested batch on a device)
-from students.schema import StudentSchema, build_schema, byte_tokenizer, encode_question, load_tokenizer  # noqa: F401
-from teachers.records import TeacherRecord
+from distillery import rle
+from distillery.images import open_image
+from distillery.students.model.config import StudentConfig
+from distillery.students.training.distributed import to_device as batch_to  # noqa: F401  (every tensor of a nested batch on a device)
+from distillery.students.model.schema import StudentSchema, build_schema, byte_tokenizer, encode_question, load_tokenizer  # noqa: F401
+from distillery.teachers.records import TeacherRecord
 
 
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
-
-def open_image(data: bytes, where: str) -> Image.Image:
-    """Decode like ``Request.image``: EXIF orientation applied, RGB."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        ImageOps.exif_transpose(img, in_place=True)  # (not in place: a copy of every image)
-        return img if img.mode == "RGB" else img.convert("RGB")
-    except Exception as e:  # PIL raises many kinds
-        raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
-
 
 def image_tensor(img: Image.Image, size: int, flip: bool = False, downscale: str = "reduce") -> torch.Tensor:
     """RGB image -> (3, size, size) uint8, resized (aspect ratio not kept, like the boxes);
@@ -75,9 +66,7 @@ def yolo_target(out: dict, node: dict, proto: int, flip: bool) -> dict[str, torc
     has_masks = node.get("task") == "segment" and len(rles) == n
     masks = torch.zeros(n, proto, proto, dtype=torch.uint8)
     if has_masks and n:
-        from teachers.yolo import rle_to_mask
-
-        full = torch.as_tensor(np.stack([rle_to_mask(r) for r in rles]), dtype=torch.float32)  # (N, H, W)
+        full = torch.as_tensor(np.stack([rle.decode(r) for r in rles]), dtype=torch.float32)  # (N, H, W)
         masks = (F.interpolate(full[:, None], size=(proto, proto), mode="area")[:, 0] * 255).round().to(torch.uint8)
     areas = torch.zeros(n)  # mask area, fraction of the image (stored, or from the masks)
     if has_masks and n:

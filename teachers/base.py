@@ -11,7 +11,11 @@ transformers). It is made of two classes:
   (``run``), returning one output dict (or one exception) per input.
 
 Node types are looked up by key (``yolo``, ``rag``, ``llm``) in ``NODE_TYPES``; a spec can never
-name an import path (a spec typed into the Prefect UI must not be able to run code).
+name an import path (a spec typed into the Prefect UI must not be able to run code). Every module
+of the ``distillery.teachers.nodes`` package registers itself when that package is imported, so a
+new node type is one new file there. ``parse_nodes`` turns a spec's ``teachers:`` mapping into
+configs of the registered types, and ``AnyNodeConfig`` is the type a spec gives its nodes: its
+JSON schema (the Prefect UI's form) offers every registered type.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
+from pydantic_core import InitErrorDetails
 
 
 class NodeConfig(BaseModel):
@@ -118,6 +123,47 @@ def node_class(key: str) -> type[TeacherNode]:
     except KeyError:
         known = ", ".join(sorted(NODE_TYPES)) or "(none registered)"
         raise KeyError(f"unknown teacher node type {key!r}; known types: {known}") from None
+
+
+def parse_nodes(nodes: Any) -> Any:
+    """A spec's ``teachers:`` mapping with each node's dict validated by its type's config class
+    (node configs are passed through). Errors name the node and field (``teachers.NODE.FIELD``
+    once inside a spec); anything but a mapping is returned for pydantic to refuse."""
+    if not isinstance(nodes, dict):
+        return nodes
+    out, errors = {}, []
+    for name, node in nodes.items():
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind not in NODE_TYPES:
+                known = ", ".join(sorted(NODE_TYPES)) or "(none registered)"
+                errors.append(InitErrorDetails(type="value_error", loc=(name, "type"), input=kind, ctx={
+                    "error": ValueError(f"unknown teacher node type {kind!r}; known types: {known}")}))
+                continue
+            try:
+                node = NODE_TYPES[kind].config_cls.model_validate(node)
+            except ValidationError as e:
+                errors += [InitErrorDetails(type=d["type"], loc=(name, *d["loc"]), input=d["input"],
+                                            ctx=d.get("ctx", {})) for d in e.errors()]
+                continue
+        out[name] = node
+    if errors:
+        raise ValidationError.from_exception_data("teachers", errors)
+    return out
+
+
+class _RegisteredTypes:
+    """JSON schema of a node: one of the registered types' configs (read when a schema is made)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        configs = [NODE_TYPES[k].config_cls for k in sorted(NODE_TYPES)]
+        return {"oneOf": [handler(c.__pydantic_core_schema__) for c in configs],
+                "discriminator": {"propertyName": "type"}}
+
+
+AnyNodeConfig = Annotated[SerializeAsAny[NodeConfig], _RegisteredTypes]
+"""A node config of any registered type (validate the mapping with ``parse_nodes`` first)."""
 
 
 # (resolved path) -> (size, mtime_ns, inode, time it was hashed in ns, sha256): a file's hash is

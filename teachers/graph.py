@@ -1,21 +1,102 @@
 """TeacherGraph: the spec's teacher nodes as a DAG, loaded once, run node by node over shards.
 
-The record flow calls ``run_node`` once per (node, shard) in topological order; this module
-knows nothing about Prefect, so it is tested (and benchmarked) as plain Python.
+A graph is the ``teachers:`` part of a spec: node name -> node config. Templates cite
+``{request.question}`` or ``{node.field}`` and nothing else (no attribute access, no code); the
+references define the DAG, checked here before any model loads (``topological_order``). The record
+loop calls ``run_node`` once per (node, shard) in topological order; this module knows nothing
+about Prefect, so it is tested (and benchmarked) as plain Python.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from distillery.spec import Spec, render_template
-from teachers.base import TRANSIENT_ERRORS, ItemError, NodeInput, TeacherNode, node_class
-from teachers.records import Request
+from distillery.teachers.base import TRANSIENT_ERRORS, ItemError, NodeConfig, NodeInput, TeacherNode, node_class
+from distillery.teachers.records import Request
+
+REQUEST_FIELDS = frozenset({"question", "image_path", "input_id"})
+_REF = re.compile(r"\{([^{}]*)\}")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+Teachers = Mapping[str, NodeConfig]  # node name -> config: the spec's teachers part
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the node and the field."""
+
+
+def references(teachers: Teachers, node: str) -> list[tuple[str, str, str]]:
+    """(template field, source, source field) for every ``{source.field}`` in the node."""
+    cfg = teachers[node]
+    refs = []
+    for fname in cfg.TEMPLATE_FIELDS:
+        for ref in _REF.findall(getattr(cfg, fname).replace("{{", "").replace("}}", "")):
+            parts = ref.strip().split(".")
+            if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+                raise SpecError(f"teachers.{node}.{fname}: bad reference {{{ref}}}; "
+                                "use {request.question} or {node_name.field}")
+            refs.append((fname, parts[0], parts[1]))
+    return refs
+
+
+def dependencies(teachers: Teachers, node: str) -> set[str]:
+    return {src for _, src, _ in references(teachers, node) if src != "request"}
+
+
+def topological_order(teachers: Teachers) -> list[str]:
+    """The nodes, each after the nodes it cites; a SpecError names the node and field of a bad
+    name, an unknown node or field, or a cycle."""
+    for node in teachers:
+        if not _NAME.match(node) or node == "request":
+            raise SpecError(f"teachers.{node}: node names must be identifiers, not 'request'")
+        for fname, src, field in references(teachers, node):
+            where = f"teachers.{node}.{fname}"
+            if src == "request":
+                if field not in REQUEST_FIELDS:
+                    raise SpecError(f"{where}: request has no field {field!r} "
+                                    f"(known: {', '.join(sorted(REQUEST_FIELDS))})")
+            elif src not in teachers:
+                raise SpecError(f"{where}: references unknown node {src!r}")
+            elif field not in teachers[src].OUTPUT_FIELDS:
+                known = ", ".join(sorted(teachers[src].OUTPUT_FIELDS))
+                raise SpecError(f"{where}: node {src!r} has no output field {field!r} (known: {known})")
+    sorter = TopologicalSorter({n: dependencies(teachers, n) for n in teachers})
+    try:
+        return list(sorter.static_order())
+    except CycleError as e:
+        cycle = " -> ".join(e.args[1])
+        raise SpecError(f"teachers: cycle between nodes: {cycle}") from None
+
+
+def nodes_of_type(teachers: Teachers, kind: str) -> list[str]:
+    """The graph's nodes of one type (``yolo``, ``rag``, ``llm``, ...), in topological order."""
+    return [n for n in topological_order(teachers) if teachers[n].type == kind]
+
+
+def render_template(template: str, context: dict[str, dict]) -> str:
+    """Fill ``{source.field}`` from ``context[source][field]``; ``{{``/``}}`` are literal braces.
+
+    Lists render one item per line; anything else with ``str``."""
+
+    def value(m: re.Match) -> str:
+        src, field = m.group(1).strip().split(".")
+        v = context[src][field]
+        if isinstance(v, (list, tuple)):
+            return "\n".join(str(x) for x in v)
+        return str(v)
+
+    parts = template.split("{{")
+    out = []
+    for p in parts:
+        out.append("}".join(_REF.sub(value, q) for q in p.split("}}")))
+    return "{".join(out)
 
 
 @dataclass
@@ -28,11 +109,13 @@ class NodeResult:
 
 
 class TeacherGraph:
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.order = spec.topological_order()
+    """The nodes of ``teachers`` (a spec's teachers part), loaded once, run node by node."""
+
+    def __init__(self, teachers: Teachers):
+        self.teachers = dict(teachers)
+        self.order = topological_order(self.teachers)
         self.nodes: dict[str, TeacherNode] = {
-            name: node_class(cfg.type)(name, cfg) for name, cfg in spec.teachers.items()
+            name: node_class(cfg.type)(name, cfg) for name, cfg in self.teachers.items()
         }
         self._loaded = False
         self._fingerprint: str | None = None
@@ -43,7 +126,7 @@ class TeacherGraph:
         if self._fingerprint is None:
             ident = {
                 name: {"config": cfg.model_dump(mode="json"), "identity": cfg.identity()}
-                for name, cfg in self.spec.teachers.items()
+                for name, cfg in self.teachers.items()
             }
             blob = json.dumps(ident, sort_keys=True).encode()
             self._fingerprint = hashlib.sha256(blob).hexdigest()[:32]
@@ -61,7 +144,7 @@ class TeacherGraph:
                     images: list | None = None) -> list[NodeInput]:
         """Build the node's inputs: the image plus each template rendered over the request and
         the upstream outputs of the same input."""
-        cfg = self.spec.teachers[name]
+        cfg = self.teachers[name]
         items = []
         for i, (req, up) in enumerate(zip(requests, upstream)):
             ctx = {"request": req.context(), **up}

@@ -27,9 +27,18 @@ from pathlib import Path
 from typing import Iterator
 
 from PIL import Image, ImageFile, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
-from distillery.spec import InputsConfig
-from teachers.records import Quarantined, Request, make_input_id
+from distillery.teachers.records import Quarantined, Request, make_input_id
+
+
+class InputsConfig(BaseModel):
+    """How inputs are read and checked before any teacher sees them (the spec's ``inputs:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    default_question: str | None = Field(None, description="Question for image-only folders.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (decompression bombs).")
+    max_question_chars: int = Field(2000, ge=1, description="Refuse longer questions.")
 
 
 def pil_open(fp, formats):

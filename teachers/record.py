@@ -15,13 +15,33 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Protocol
 
-from distillery.spec import Spec
-from teachers.graph import NodeResult, TeacherGraph
-from teachers.inputs import scan_inputs
-from teachers.records import Quarantined, Request, TeacherRecord
-from teachers.store import TraceStore
+from pydantic import BaseModel, ConfigDict, Field
+
+from distillery.teachers.base import NodeConfig
+from distillery.teachers.graph import NodeResult, TeacherGraph
+from distillery.teachers.inputs import InputsConfig, scan_inputs
+from distillery.teachers.records import Quarantined, Request, TeacherRecord
+from distillery.teachers.store import TraceStore
+
+class RecordConfig(BaseModel):
+    """How the record flow maps work onto tasks (the spec's ``record:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shard_size: int = Field(128, ge=1, description="Inputs per (node, shard) task and per commit (a crash loses "
+                            "at most one shard in flight).")
+    retries: int = Field(2, ge=0, description="Task retries on transient (whole-shard) errors.")
+    retry_delay_s: float = Field(1.0, ge=0)
+
+
+class RecordSpec(Protocol):
+    """What recording reads of a spec (``distillery.flows.spec.Spec`` has it)."""
+
+    teachers: Mapping[str, NodeConfig]
+    inputs: InputsConfig
+    record: RecordConfig
+
 
 RunNode = Callable[[str, list[Request], list[dict], list], list[NodeResult]]
 
@@ -61,7 +81,7 @@ def quarantine_record(q: Quarantined, fingerprint: str) -> TeacherRecord:
                          created_at=_now())
 
 
-def plan(spec: Spec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
+def plan(spec: RecordSpec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
     """Validate every input and drop the ones this graph has already recorded."""
     done = store.recorded_ids(fingerprint)
     scan = scan_inputs(inputs, spec.inputs, skip=done)  # recorded inputs are not checked again
@@ -124,11 +144,11 @@ def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
     summary.by_reason = dict(reasons)
 
 
-def record(spec: Spec, inputs: str, traces: str, graph: TeacherGraph | None = None,
+def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | None = None,
            on_shard: Callable[[int, int], None] | None = None) -> RecordSummary:
     """Record every not-yet-recorded input; the same loop as the flow, without Prefect."""
     t0 = time.perf_counter()
-    graph = graph or TeacherGraph(spec)
+    graph = graph or TeacherGraph(spec.teachers)
     store = TraceStore(traces)
     p = plan(spec, inputs, store, graph.fingerprint)
     summary = RecordSummary(skipped=p.skipped, traces=str(traces), fingerprint=graph.fingerprint)

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from teachers.records import TeacherRecord
+from distillery.teachers.records import TeacherRecord
 
 SCHEMA = pa.schema([
     ("input_id", pa.string()),

@@ -54,9 +54,9 @@ def tiny_demo(tmp_path_factory):
     """The demo's tiny world and teachers (built once per session) and a spec over them.
 
     Returns a dict: world, teachers (TeacherArtifacts), spec_path, workdir."""
-    from demo.pipeline import write_spec
-    from demo.teachers import ensure_teachers
-    from demo.world import WorldConfig, build_world
+    from distillery.demo.pipeline import write_spec
+    from distillery.demo.teachers import ensure_teachers
+    from distillery.demo.world import WorldConfig, build_world
 
     workdir = tmp_path_factory.mktemp("tiny-demo")
     world = build_world(WorldConfig.preset("tiny"), workdir / "world")

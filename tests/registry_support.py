@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from distillery.spec import Spec
+from distillery.flows.spec import Spec
 
 import mlflow
 import pytest
@@ -56,10 +56,10 @@ def build_student(out: Path) -> Path:
     the detector's confidence threshold is 0 so even untrained it returns boxes and masks."""
     import torch
 
-    from distillery.spec import load_spec
+    from distillery.flows.spec import load_spec
     from student_support import make_records, tiny_config, write_graph
-    from students.data import build_schema
-    from students.model import MultimodalStudent
+    from distillery.students.data import build_schema
+    from distillery.students.model.student import MultimodalStudent
 
     graph = out.parent / f"{out.name}-graph"
     graph.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,8 @@ def train_and_register(env: dict, name: str, metrics: dict, gate: dict | None = 
     """One 'training run': a run with the spec, then log + register the student.
 
     Returns (spec, run id, logged model URI, ModelVersion)."""
-    from registry import models, tracking
+    from distillery.registry import models
+    from distillery.registry import tracking
 
     spec = make_spec(env["uri"], name=name, gate=gate)
     lineage = lineage or {"graph_fingerprint": "gf-1", "traces_version": 3}
@@ -110,8 +111,8 @@ def registry_env(tmp_path_factory):
     """A store with a registered champion, the student, an image on disk, and the student's own
     answer to (image, QUESTION). Keys: tmp, uri, student, image, direct, champion (ModelVersion),
     champion_run, champion_uri, champion_spec. Tests point MLflow at ``uri`` themselves."""
-    from registry import models
-    from students.predictor import StudentPredictor
+    from distillery.registry import models
+    from distillery.students.serving.predictor import StudentPredictor
 
     tmp = tmp_path_factory.mktemp("registry")
     student = build_student(tmp / "student")

@@ -17,8 +17,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from teachers.records import TeacherRecord, make_input_id
-from teachers.yolo import describe_detections, mask_to_rle
+from distillery.teachers.records import TeacherRecord, make_input_id
+from distillery.rle import encode as mask_to_rle
+from distillery.teachers.nodes.yolo import describe_detections
 
 CLASSES = ["red box", "blue box"]
 COLOURS = {"red box": (220, 30, 30), "blue box": (30, 60, 220)}
@@ -133,7 +134,7 @@ def make_records(seed: int = 0) -> list[TeacherRecord]:
 
 
 def tiny_config(**kw):
-    from students.config import StudentConfig
+    from distillery.students.model.config import StudentConfig
 
     base = dict(image_size=64, vision_widths=(8, 16, 32, 32), image_grid=4, d_model=32, n_layers=2, n_heads=2,
                 det_width=16, num_prototypes=8, max_question_tokens=12, max_answer_tokens=6,

@@ -166,8 +166,8 @@ def test_eval_of_a_folder_prints_the_table_and_the_json_report(folder_report, tr
 
 def test_eval_of_a_registry_uri_pulls_the_same_student(example, trained, small_spec, folder_report):
     from distillery.cli import resolve_student
-    from distillery.spec import load_spec
-    from registry.models import log_and_register
+    from distillery.flows.spec import load_spec
+    from distillery.registry.models import log_and_register
 
     spec = load_spec(small_spec)
     mv = log_and_register(trained["out"], spec, {"answer_agreement": 0.0})

@@ -17,7 +17,7 @@ def demo_runs(tiny_demo, tmp_path_factory, prefect_harness):
     fingerprint, so the demo finds them in its cache instead of training them again)."""
     import mlflow
 
-    from demo.pipeline import run_demo
+    from distillery.demo.pipeline import run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
     shutil.copytree(tiny_demo["teachers"].llm_dir.parent, workdir / "teachers" / tiny_demo["teachers"].llm_dir.parent.name)
@@ -61,9 +61,10 @@ def test_the_segmenters_masks_reach_the_reasoners_prompt(demo_runs):
     are large), the retriever's documents and the reasoner's reasoning meet in the prompt."""
     import yaml
 
-    from demo import kb
-    from teachers.store import TraceStore
-    from teachers.yolo import describe_detections, large_labels, rle_to_mask
+    from distillery.demo import kb
+    from distillery.teachers.store import TraceStore
+    from distillery import rle as rle_codec
+    from distillery.teachers.nodes.yolo import describe_detections, large_labels
 
     rep = demo_runs["cold_report"]
     spec = yaml.safe_load(Path(rep["paths"]["spec"]).read_text())
@@ -74,7 +75,7 @@ def test_the_segmenters_masks_reach_the_reasoners_prompt(demo_runs):
         det, prompt = r.outputs["detector"], r.outputs["reasoner"]["prompt"]
         assert len(det["areas"]) == len(det["masks"]) == len(det["labels"])
         for rle, area in zip(det["masks"], det["areas"]):
-            assert area == pytest.approx(rle_to_mask(rle).mean(), abs=1e-6)
+            assert area == pytest.approx(rle_codec.decode(rle).mean(), abs=1e-6)
         summary = describe_detections(det["labels"], large_labels(det["labels"], det["areas"], kb.LARGE_AREA))
         assert det["summary"] == summary and prompt.startswith(f"objects: {summary}\nfacts: ")
         assert r.outputs["retriever"]["context"] in prompt and r.question in prompt
@@ -93,7 +94,7 @@ def test_a_warm_run_reuses_everything_and_still_reports_the_student(demo_runs):
 
 
 def test_fresh_deletes_only_a_demo_workdir(tmp_path):
-    from demo.pipeline import prepare_workdir
+    from distillery.demo.pipeline import prepare_workdir
 
     (tmp_path / "keep.txt").write_text("not the demo's")
     with pytest.raises(ValueError, match="not a demo workdir"):

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from demo import kb, retrieval
-from demo.teachers import (ASSETS, FLOOR, LLM_DIR, YOLO_FILE, AssetError, ensure_teachers, fingerprint,
+from distillery.demo import kb
+from distillery.demo import retrieval
+from distillery.demo.teachers import (ASSETS, FLOOR, LLM_DIR, YOLO_FILE, AssetError, ensure_teachers, fingerprint,
                            fingerprints, stale_teachers, verify_assets)
-from demo.world import WorldConfig, build_world, world_digest
+from distillery.demo.world import WorldConfig, build_world, world_digest
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ def _split_inputs(src: Path, dst: Path) -> tuple[Path, Path, int]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_demo, prefect_harness, tmp_path_factory):
-    from distillery.spec import Spec, load_spec
-    from flows.distill import distill_flow
+    from distillery.flows.spec import Spec, load_spec
+    from distillery.flows.distill import distill_flow
 
     tmp = tmp_path_factory.mktemp("distill-flow")
     part1, everything, n_part1 = _split_inputs(tiny_demo["world"].split_dir("train"), tmp / "inputs")
@@ -139,7 +139,7 @@ def test_rerun_over_unchanged_data_registers_no_new_version(runs):
 
 
 def test_train_result_is_read_back_from_shared_storage(tmp_path):
-    from flows.train import RESULT_FILE, read_result, write_result
+    from distillery.flows.train import RESULT_FILE, read_result, write_result
 
     with pytest.raises(FileNotFoundError, match="no result"):
         read_result(tmp_path)
@@ -155,7 +155,7 @@ def test_links_to_a_tracking_server_are_link_artifacts(prefect_harness, monkeypa
 
     from prefect import flow
 
-    from flows import distill
+    from distillery.flows import distill
 
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow:5000")
     monkeypatch.setattr(mlflow, "get_run", lambda run_id: SimpleNamespace(info=SimpleNamespace(experiment_id="4")))

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from students.efficiency import PeakMemory, compare, measure, read_inputs, spec_on_device, take
+from distillery.students.evaluation.efficiency import PeakMemory, compare, measure, read_inputs, spec_on_device, take
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_demo, tmp_path_factory):
-    from distillery.spec import load_spec
+    from distillery.flows.spec import load_spec
     from student_support import tiny_config
-    from students.data import build_schema, load_tokenizer
-    from students.model import MultimodalStudent
-    from teachers.record import record
-    from teachers.store import TraceStore
+    from distillery.students.data import build_schema, load_tokenizer
+    from distillery.students.model.student import MultimodalStudent
+    from distillery.teachers.record import record
+    from distillery.teachers.store import TraceStore
 
     world, spec = tiny_demo["world"], load_spec(tiny_demo["spec_path"])
     traces = str(tmp_path_factory.mktemp("eff") / "traces.lance")
@@ -67,7 +67,7 @@ def test_both_sides_run_and_report_the_requested_device(measured):
 
 
 def test_paired_speedup_alternates_rounds_and_takes_the_median(measured):
-    from students.efficiency import paired_speedup
+    from distillery.students.evaluation.efficiency import paired_speedup
 
     _, _, spec, (folder, images, questions) = measured
     res = paired_speedup(folder, spec, images, questions, rounds=3, device="cpu", backend="torch")

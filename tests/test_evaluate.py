@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from students.evaluate import (
+from distillery.students.evaluation.metrics import (
     answer_agreement,
     compare_outputs,
     detection_map,
@@ -168,7 +168,7 @@ def test_flat_metrics_are_names_mlflow_accepts():
     """``recall@4`` is not a valid MLflow metric name: logging it failed a whole distill run."""
     from mlflow.utils.validation import _validate_metric_name
 
-    from students.report import flat_metrics
+    from distillery.students.evaluation.report import flat_metrics
 
     flat = flat_metrics({"retriever": {"top1": 1.0, "recall@4": 0.5, "n": 3, "bad": float("nan")}})
     assert flat == {"fidelity.retriever.top1": 1.0, "fidelity.retriever.recall_at_4": 0.5, "fidelity.retriever.n": 3.0}

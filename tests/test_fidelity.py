@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from students.fidelity import by_question_type, demo_ground_truth, evaluate_predictions, publish_table, run_eval
+from distillery.students.evaluation.fidelity import by_question_type, demo_ground_truth, evaluate_predictions, publish_table, run_eval
 
 
 @pytest.fixture(scope="module")
 def demo(tiny_demo):
-    from distillery.spec import load_spec
-    from students.fidelity import record_split
+    from distillery.flows.spec import load_spec
+    from distillery.students.evaluation.fidelity import record_split
 
     world, spec = tiny_demo["world"], load_spec(tiny_demo["spec_path"])
     records = record_split(spec, world, "test", tiny_demo["workdir"] / "traces-test.lance")
@@ -62,8 +62,8 @@ def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
     import mlflow
 
     from student_support import tiny_config
-    from students.data import build_schema, load_tokenizer
-    from students.model import MultimodalStudent
+    from distillery.students.data import build_schema, load_tokenizer
+    from distillery.students.model.student import MultimodalStudent
 
     schema = build_schema(demo["spec"], demo["records"])
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import io
 
 from PIL import Image
 
-from distillery.spec import Spec
-from teachers.base import ItemError, TeacherNode
-from teachers.graph import TeacherGraph
-from teachers.records import Request, make_input_id
+from distillery.flows.spec import Spec
+from distillery.teachers.base import ItemError, TeacherNode
+from distillery.teachers.graph import TeacherGraph
+from distillery.teachers.records import Request, make_input_id
 
 
 class EchoNode(TeacherNode):
@@ -46,7 +46,7 @@ def _requests(questions):
 
 
 def _graph(spec):
-    g = TeacherGraph(spec)
+    g = TeacherGraph(spec.teachers)
     g.nodes = {n: EchoNode(n, spec.teachers[n]) for n in spec.teachers}
     return g
 
@@ -83,13 +83,13 @@ def test_fingerprint_changes_with_config_and_weights(tmp_path):
     spec = _spec()
     for node in spec.teachers.values():
         node.documents = str(docs)
-    fp = TeacherGraph(spec).fingerprint
-    assert TeacherGraph(spec).fingerprint == fp  # stable
+    fp = TeacherGraph(spec.teachers).fingerprint
+    assert TeacherGraph(spec.teachers).fingerprint == fp  # stable
     changed = spec.model_copy(deep=True)
     changed.teachers["b"].top_k = 5
-    assert TeacherGraph(changed).fingerprint != fp
+    assert TeacherGraph(changed.teachers).fingerprint != fp
     docs.write_text('{"id": "1", "text": "b"}\n')  # same config, different file content
-    assert TeacherGraph(spec).fingerprint != fp
+    assert TeacherGraph(spec.teachers).fingerprint != fp
 
 
 def test_file_hashes_are_reused_while_the_file_is_unchanged(tmp_path, monkeypatch):
@@ -102,7 +102,7 @@ def test_file_hashes_are_reused_while_the_file_is_unchanged(tmp_path, monkeypatc
 
     import pytest
 
-    import teachers.base as base
+    import distillery.teachers.base as base
 
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x" * 1000)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distillery.spec import InputsConfig
-from teachers.inputs import REASONS, check_input, load_inputs
-from teachers.records import Quarantined, Request, make_input_id
+from distillery.teachers.inputs import InputsConfig
+from distillery.teachers.inputs import REASONS, check_input, load_inputs
+from distillery.teachers.records import Quarantined, Request, make_input_id
 
 
 def _png(w: int, h: int, seed: int = 0) -> bytes:
@@ -175,7 +175,7 @@ def test_missing_inputs_path_is_named(tmp_path):
 
 def test_recorded_inputs_are_counted_not_checked_again(folder, monkeypatch):
     """A rerun: the ids already in the store are skipped after a read and a hash, no decode."""
-    import teachers.inputs as inputs
+    import distillery.teachers.inputs as inputs
 
     requests, bad = load_inputs(folder, CFG)
     done = {r.input_id for r in requests[:4]}  # good0..good3 with "What is here?"

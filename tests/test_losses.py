@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from students.losses import (LossBalancer, center_heatmaps, distill_loss, divergence, fcos_assign, mask_loss,
+from distillery.students.model.losses import (LossBalancer, center_heatmaps, distill_loss, divergence, fcos_assign, mask_loss,
                              quality_focal_loss, retrieval_loss, topk_kd_loss, topk_kd_per_token)
 
 KINDS = ("forward", "reverse", "jsd")

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from teachers.base import ItemError, NodeInput
-from teachers.llm import (Draft, LLMConfig, LLMNode, end_of_generation, normalize_answer, parse_output,
-                          select_draft, split_reasoning)
+from distillery.teachers.base import ItemError, NodeInput
+from distillery.teachers.nodes.llm import Draft, LLMConfig, LLMNode, end_of_generation, select_draft
+from distillery.text import normalize_answer, parse_output, split_reasoning
 
 # "abcdef": transformers' StopStringCriteria probes the vocabulary by encoding this prefix, so a
 # word-level vocabulary must know it (byte-level BPE and SentencePiece tokenizers always do).
@@ -264,9 +264,9 @@ def test_sampled_drafts_majority_vote_and_seed(tiny_llm, reference):
 # -- a rag node feeding an llm node through the graph ---------------------------------------------
 
 def test_graph_rag_feeds_llm(tiny_llm, tmp_path):
-    from distillery.spec import Spec
-    from teachers.graph import TeacherGraph
-    from teachers.records import Request, make_input_id
+    from distillery.flows.spec import Spec
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.records import Request, make_input_id
 
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"id": "sky", "text": "the sky is blue"}\n{"id": "grass", "text": "grass is green"}\n')
@@ -279,7 +279,7 @@ def test_graph_rag_feeds_llm(tiny_llm, tmp_path):
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     questions = ["what color is the sky ?", "what color is grass ?"]
     reqs = [Request(make_input_id(buf.getvalue(), q), "x.png", buf.getvalue(), q) for q in questions]
-    graph = TeacherGraph(spec)
+    graph = TeacherGraph(spec.teachers)
     assert graph.order == ["retriever", "reasoner"]
     rag = graph.run_node("retriever", reqs, [{}, {}])
     assert [r.error for r in rag] == [None, None]

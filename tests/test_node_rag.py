@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from teachers.base import ItemError, NodeInput
-from teachers.rag import RagConfig, RagNode, read_documents, resolve_embedder
+from distillery.teachers.base import ItemError, NodeInput
+from distillery.teachers.nodes.rag import RagConfig, RagNode, read_documents, resolve_embedder
 
 DOCS = [
     ("eiffel", "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."),

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from teachers.base import ItemError, NodeInput
-from teachers.yolo import YoloConfig, YoloNode, describe_detections, mask_to_rle, rle_to_mask
+from distillery.teachers.base import ItemError, NodeInput
+from distillery.rle import decode as rle_to_mask
+from distillery.rle import encode as mask_to_rle
+from distillery.teachers.nodes.yolo import YoloConfig, YoloNode, describe_detections
 
 NAMES = {0: "red circle", 1: "blue square", 2: "green triangle"}
 KEYS = {"boxes", "classes", "scores", "class_probs", "labels", "masks", "areas", "summary", "count", "image_size"}
@@ -227,9 +229,9 @@ def test_task_mismatch_and_missing_file_are_clear_errors(weights, tmp_path):
 
 # -- through the graph ------------------------------------------------------------------------
 def test_graph_runs_a_single_yolo_node(weights, nodes, images, tmp_path):
-    from distillery.spec import Spec
-    from teachers.graph import TeacherGraph
-    from teachers.records import Request, make_input_id
+    from distillery.flows.spec import Spec
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.records import Request, make_input_id
 
     spec = Spec.model_validate({
         "name": "yolo-only",
@@ -242,7 +244,7 @@ def test_graph_runs_a_single_yolo_node(weights, nodes, images, tmp_path):
         im.save(path)
         data = path.read_bytes()
         requests.append(Request(make_input_id(data, "what?"), str(path), data, "what?"))
-    graph = TeacherGraph(spec)
+    graph = TeacherGraph(spec.teachers)
     decoded = [r.image() for r in requests]
     results = graph.run_node("seg", requests, [{} for _ in requests], decoded[:2] + [None])
     assert [r.error is None for r in results] == [True, True, False]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from distillery.spec import load_spec
-from teachers.graph import TeacherGraph
-from teachers.store import TraceStore
+from distillery.flows.spec import load_spec
+from distillery.teachers.graph import TeacherGraph
+from distillery.teachers.store import TraceStore
 
 
 def _inputs(tiny_demo, tmp_path: Path, n: int = 10, bad: bool = False) -> Path:
@@ -63,7 +63,7 @@ def _progress(flow_run_id) -> float:
 
 
 def test_record_flow_writes_every_node_and_rerun_calls_no_teacher(tiny_demo, tmp_path, prefect_harness, counting):
-    from flows.record import record_flow
+    from distillery.flows.record import record_flow
 
     spec = load_spec(tiny_demo["spec_path"])
     inputs = _inputs(tiny_demo, tmp_path, n=10, bad=True)
@@ -100,19 +100,19 @@ def test_record_flow_writes_every_node_and_rerun_calls_no_teacher(tiny_demo, tmp
     # Changing one node's config changes the fingerprint: everything is recorded again.
     changed = spec.model_copy(deep=True)
     changed.teachers["retriever"].top_k = 3
-    assert TeacherGraph(changed).fingerprint != TeacherGraph(spec).fingerprint
+    assert TeacherGraph(changed.teachers).fingerprint != TeacherGraph(spec.teachers).fingerprint
     third = record_flow(spec=changed, inputs=str(inputs), traces=traces)
     assert third["written"] == first["written"]
 
 
 def test_node_failure_quarantines_only_that_input(tiny_demo, tmp_path, monkeypatch):
-    from teachers.record import record
+    from distillery.teachers.record import record
 
     spec = load_spec(tiny_demo["spec_path"])
     inputs = _inputs(tiny_demo, tmp_path, n=6)
-    from teachers.inputs import load_inputs
+    from distillery.teachers.inputs import load_inputs
 
-    graph = TeacherGraph(spec)
+    graph = TeacherGraph(spec.teachers)
     victim = {"id": load_inputs(inputs, spec.inputs)[0][1].input_id}
     real_run = graph.nodes["retriever"].run
 
@@ -168,8 +168,8 @@ def test_every_kind_of_bad_input_is_quarantined_by_the_flow_while_good_ones_are_
         tiny_demo, tmp_path, prefect_harness):
     """Each reason of teachers.inputs.REASONS through the real flow: kept in the store with its
     reason, counted in the summary; an EXIF-rotated photo is recorded upright."""
-    from flows.record import record_flow
-    from teachers.inputs import REASONS
+    from distillery.flows.record import record_flow
+    from distillery.teachers.inputs import REASONS
     from test_inputs import _exif_rotated_jpeg, _png, _png_claiming
 
     spec = load_spec(tiny_demo["spec_path"])
@@ -199,7 +199,7 @@ def test_every_kind_of_bad_input_is_quarantined_by_the_flow_while_good_ones_are_
     assert sorted(r.reason for r in stored if r.status != "ok") == sorted(REASONS)
     assert all(r.detail for r in stored if r.status != "ok")  # every one says what is wrong
     rotated = next(r for r in stored if r.status == "ok" and r.image_path.endswith("rotated.jpg"))
-    from students.data import open_image
+    from distillery.images import open_image
 
     assert open_image(rotated.image_bytes, "rotated").size == (24, 48)  # read upright (EXIF applied)
 
@@ -209,8 +209,8 @@ def test_one_task_per_node_and_shard_and_a_transient_failure_is_retried_not_quar
     """10 inputs in shards of 4: 3 shards, so 3 run-node tasks per node (never one per input);
     a ConnectionError on the retriever's first shard fails that task, Prefect retries it, and
     every input is recorded."""
-    from flows.record import record_flow
-    from teachers.rag import RagNode
+    from distillery.flows.record import record_flow
+    from distillery.teachers.nodes.rag import RagNode
 
     spec = load_spec(tiny_demo["spec_path"])
     spec.record.shard_size, spec.record.retry_delay_s = 4, 0.0

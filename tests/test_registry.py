@@ -21,9 +21,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from registry import models, pull, tracking
-from registry.config import CHALLENGER, CHAMPION, RegistryConfig, artifact_location
-from registry.pyfunc_model import flatten_prediction, to_requests
+from distillery.registry import models
+from distillery.registry import pull
+from distillery.registry import tracking
+from distillery.registry.config import CHALLENGER, CHAMPION, RegistryConfig, artifact_location
+from distillery.registry.pyfunc_model import flatten_prediction, to_requests
 from registry_support import (CHAMPION_NAME, LINEAGE, QUESTION, make_spec, mlflow_uri_restored,
                               registry_env, train_and_register)  # noqa: F401
 
@@ -271,7 +273,7 @@ def test_pull_writes_a_folder_that_answers_without_the_store(env, champion):
         path.rename(path.with_name(path.name + ".moved"))
     assert not any(path.exists() for path in store)
     try:
-        from students.predictor import StudentPredictor
+        from distillery.students.serving.predictor import StudentPredictor
 
         pulled = StudentPredictor.load(to / "student", device="cpu")
         assert pulled.predict([{"image": str(env["image"]), "question": QUESTION}])[0] == env["direct"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from distillery.spec import Spec, SpecError, load_spec, render_template
+from distillery.flows.spec import Spec, SpecError, load_spec
+from distillery.teachers.graph import render_template
 
 BASE = {
     "detector": {"type": "yolo", "weights": "yolo11n.yaml"},

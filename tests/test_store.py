@@ -18,8 +18,8 @@ import lance
 import numpy as np
 import pytest
 
-from teachers.records import TeacherRecord
-from teachers.store import TraceStore, decode_row, encode_records, parse_traces_ref
+from distillery.teachers.records import TeacherRecord
+from distillery.teachers.store import TraceStore, decode_row, encode_records, parse_traces_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SMALL, N_TOTAL, FP = 40, 400, "fp-crash"

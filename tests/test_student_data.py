@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distillery.spec import load_spec
+from distillery.flows.spec import load_spec
 from student_support import CLASSES, DOCS, K, make_records, tiny_config, write_graph
-from students.data import (TraceDataset, batch_to, build_schema, byte_tokenizer, collate, load_tokenizer, open_image)
+from distillery.students.data import (TraceDataset, batch_to, build_schema, byte_tokenizer, collate, load_tokenizer)
+from distillery.images import open_image
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,8 @@ def test_images_are_decoded_like_requests_exif_and_rgb():
 
 def test_decoded_items_are_kept_and_a_kept_item_flips_exactly_like_a_fresh_decode(graph):
     """Decoding is done once per record; a flipped epoch gives the bytes a flipped decode gives."""
-    from students.data import image_tensor, open_image, yolo_target
+    from distillery.images import open_image
+    from distillery.students.data import image_tensor, yolo_target
 
     _, records, schema, tok = graph
     cfg = tiny_config(hflip=1.0)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from students.detection import DetectionHead
-from students.heads import Features
-from students.masks import instance_masks
+from distillery.students.model.detection import DetectionHead
+from distillery.students.model.heads import Features
+from distillery.students.model.masks import instance_masks
 from student_support import tiny_config
 
 NODE = {"type": "yolo", "task": "segment", "num_classes": 3, "class_names": ["a", "b", "c"],

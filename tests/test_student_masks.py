@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from students.losses import box_region
-from students.masks import bilinear_weights, instance_masks, pixel_span
+from distillery.students.model.losses import box_region
+from distillery.students.model.masks import bilinear_weights, instance_masks, pixel_span
 
 
 def reference(logits: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,12 +13,12 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
-from distillery.spec import load_spec
+from distillery.flows.spec import load_spec
 from student_support import make_records, tiny_config, write_graph
-from students.data import TraceDataset, build_schema, byte_tokenizer, collate, load_tokenizer
-from students.heads import head_class
-from students.model import MultimodalStudent
-from students.predictor import StudentPredictor
+from distillery.students.data import TraceDataset, build_schema, byte_tokenizer, collate, load_tokenizer
+from distillery.students.model.heads import head_class
+from distillery.students.model.student import MultimodalStudent
+from distillery.students.serving.predictor import StudentPredictor
 
 STEPS = 80
 

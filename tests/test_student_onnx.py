@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distillery.spec import load_spec
+from distillery.flows.spec import load_spec
 from student_support import make_records, tiny_config, write_graph
-from students import onnx
-from students.data import TraceDataset, build_schema, collate, load_tokenizer
-from students.model import MultimodalStudent
-from students.predictor import StudentPredictor
+from distillery.students.serving import onnx
+from distillery.students.data import TraceDataset, build_schema, collate, load_tokenizer
+from distillery.students.model.student import MultimodalStudent
+from distillery.students.serving.predictor import StudentPredictor
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from students.checkpoint import latest_checkpoint
-from students.train_config import TrainConfig
-from students.trainer import Trainer
+from distillery.students.training.checkpoint import latest_checkpoint
+from distillery.students.training.config import TrainConfig
+from distillery.students.training.trainer import Trainer
 
 TESTS = Path(__file__).parent
 
@@ -222,9 +222,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, real: dict) -> N
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from distillery.spec import Spec
-    from students.train import train
-    from students.trainer import setup_distributed
+    from distillery.flows.spec import Spec
+    from distillery.students.training.train import train
+    from distillery.students.training.trainer import setup_distributed
 
     cfg = config(batch_size=4, epochs=2)
     ctx = setup_distributed(cfg)
@@ -240,8 +240,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, real: dict) -> N
 def test_ddp_on_two_cpu_processes_keeps_ranks_identical_and_averages_gradients(tmp_path, real_setup, trained):
     from dataclasses import replace
 
-    from teachers.records import make_input_id
-    from teachers.store import TraceStore
+    from distillery.teachers.records import make_input_id
+    from distillery.teachers.store import TraceStore
 
     # the real part is a continual run: store v2, warm start from the v1 student, v1 inputs replayed
     old = TraceStore(real_setup["traces"]).read(version=1)
@@ -289,15 +289,15 @@ def real_setup(tmp_path_factory):
 
     from student_support import make_records, tiny_config, write_graph
 
-    from distillery.spec import load_spec
-    from teachers.graph import TeacherGraph
-    from teachers.records import make_input_id
-    from teachers.store import TraceStore
+    from distillery.flows.spec import load_spec
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.records import make_input_id
+    from distillery.teachers.store import TraceStore
 
     root = tmp_path_factory.mktemp("real")
     spec = load_spec(write_graph(root))
     spec = spec.model_copy(update={"student": tiny_config(), "training": real_config()})
-    fp = TeacherGraph(spec).fingerprint
+    fp = TeacherGraph(spec.teachers).fingerprint
     recs = [replace(r, graph_fingerprint=fp) for r in make_records()]
     q = "is any box red ?"
     failed = replace(recs[0], input_id=make_input_id(recs[0].image_bytes, q), question=q, status="quarantined",
@@ -310,7 +310,7 @@ def real_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(real_setup):
-    from students.train import train
+    from distillery.students.training.train import train
 
     events = []
     result = train(real_setup["spec"], real_setup["traces"] + "@1", out_dir=real_setup["root"] / "student",
@@ -321,7 +321,7 @@ def trained(real_setup):
 def test_train_writes_a_student_with_metrics_and_the_lineage_of_the_version_read(real_setup, trained):
     from student_support import SCENES, png
 
-    from students.predictor import StudentPredictor
+    from distillery.students.serving.predictor import StudentPredictor
 
     result, events = trained
     out = real_setup["root"] / "student"
@@ -348,9 +348,9 @@ def test_train_writes_a_student_with_metrics_and_the_lineage_of_the_version_read
 def test_warm_start_copies_every_tensor_whose_shape_still_fits(real_setup, trained):
     from student_support import make_records, tiny_config
 
-    from students.model import MultimodalStudent
-    from students.schema import build_schema
-    from students.train import warm_start
+    from distillery.students.model.student import MultimodalStudent
+    from distillery.students.model.schema import build_schema
+    from distillery.students.training.train import warm_start
 
     saved = load_file(str(trained[0].out_dir / "model.safetensors"))
     schema = build_schema(real_setup["spec"], make_records())
@@ -367,7 +367,7 @@ def test_warm_start_copies_every_tensor_whose_shape_still_fits(real_setup, train
 
 
 def test_real_student_killed_mid_run_resumes_to_the_same_weights(real_setup, trained):
-    from students.train import train
+    from distillery.students.training.train import train
 
     out = real_setup["root"] / "resumed"
     with pytest.raises(Crash):

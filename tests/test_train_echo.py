@@ -13,7 +13,7 @@ def test_text_echo_steps_train_the_text_side_only(real_setup):
     """Text-only steps after each full step move the decoder and the text heads, never the vision
     encoder or the conv heads (whose parameters get no gradient there). Two steps: the first
     one's learning rate is 0, the warmup's start."""
-    from students.train import train
+    from distillery.students.training.train import train
 
     def two_steps(echo: int):
         spec = real_setup["spec"].model_copy(update={"training": real_config(max_steps=2, text_echo=echo)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from students.train import make_split, mix_replay, split_by_image
-from teachers.records import TeacherRecord
+from distillery.students.training.train import make_split, mix_replay, split_by_image
+from distillery.teachers.records import TeacherRecord
 
 
 def rec(image: bytes, question: str) -> TeacherRecord:

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from demo import kb
-from demo.world import SPLITS, WorldConfig, build_world, decode_rle
+from distillery.demo import kb
+from distillery import rle
+from distillery.demo.world import SPLITS, WorldConfig, build_world
 
 SMALL = {"n_train": 6, "n_val": 3, "n_test": 3}
 
@@ -77,7 +78,7 @@ def test_masks_inside_boxes_and_labels_match(worlds):
             assert [int(line.split()[0]) for line in lines] == [o["class_id"] for o in im["objects"]]
             assert im["labels"] == [kb.CLASSES[o["class_id"]] for o in im["objects"]]
             for o in im["objects"]:
-                m = decode_rle(o["mask"])
+                m = rle.decode(o["mask"]).astype(bool)
                 ys, xs = np.nonzero(m)
                 x1, y1, x2, y2 = o["box"]
                 assert m.sum() == o["area"] > 0
@@ -137,7 +138,7 @@ def test_answers_agree_with_scene_and_kb(worlds):
         labels = {im["file"]: im["labels"] for im in ann["images"]}
         # large: the visible mask covers at least 3% of the image, read from the masks themselves
         large = {im["file"]: [o["label"] for o in im["objects"]
-                              if decode_rle(o["mask"]).mean() >= 0.03] for im in ann["images"]}
+                              if rle.decode(o["mask"]).astype(bool).mean() >= 0.03] for im in ann["images"]}
         lines = [json.loads(x) for x in w.requests_path(split).read_text().splitlines()]
         assert lines == [{"image": r["image"], "question": r["question"]} for r in ann["requests"]]
         for r in ann["requests"]:
@@ -194,7 +195,7 @@ def test_prompt_and_trace():
 def test_processes_draw_the_same_split_as_one(tmp_path):
     """Scenes are seeded by their index, so a split drawn by two processes (chunks of 50 scenes)
     is byte for byte the split one process draws, annotations in the same order."""
-    from demo.world import _write_split
+    from distillery.demo.world import _write_split
 
     cfg = WorldConfig(seed=3, n_train=101, n_val=1, n_test=1, questions_per_image=1)
     _write_split(cfg, tmp_path / "one", "train", workers=1)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from students.config import StudentConfig
-from students.data import StudentSchema, load_tokenizer
-from students.decoding import answer_limit, greedy_decode
-from students.heads import Features, conv_bn_act, head_class
-from students.losses import LossBalancer
+from distillery.students.model.config import StudentConfig
+from distillery.students.data import StudentSchema, load_tokenizer
+from distillery.students.model.decoding import answer_limit, greedy_decode
+from distillery.students.model.heads import Features, conv_bn_act, head_class
+from distillery.students.model.losses import LossBalancer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from students.config import StudentConfig
-from students.decoding import answer_limit, greedy_decode
+from distillery.students.model.config import StudentConfig
+from distillery.students.model.decoding import answer_limit, greedy_decode
 
 ONNX_DIR = "onnx"
 META_FILE = "meta.json"
@@ -115,7 +115,7 @@ class _Text(nn.Module):
         self.model, self.conv_keys, self.keys, self.answers = model, conv_keys, keys, answers
 
     def forward(self, p16: Tensor, question_ids: Tensor, question_mask: Tensor, *conv: Tensor):
-        from students.heads import Features
+        from distillery.students.model.heads import Features
 
         outputs: dict[str, dict[str, Tensor]] = {}
         for (n, k), t in zip(self.conv_keys, conv):
@@ -186,7 +186,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     folder beside it and moved into place: a crash leaves the old graphs or none). With
     ``calibration`` (requests ``{"image", "question"}``, e.g. a few dozen training inputs) also
     ``vision-int8.onnx`` and ``text-int8.onnx``: see ``quantize``."""
-    from students.model import MultimodalStudent
+    from distillery.students.model.student import MultimodalStudent
 
     model_dir = Path(model_dir)
     cfg = StudentConfig.model_validate(json.loads((model_dir / "config.json").read_text())["student"])
@@ -255,7 +255,7 @@ def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from students.predictor import StudentPredictor
+    from distillery.students.serving.predictor import StudentPredictor
 
     prepare = StudentPredictor(model, model.tokenizer).prepare
     batches = []

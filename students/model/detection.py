@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from students import losses
-from students.config import StudentConfig
-from students.heads import Features, Head, conv_bn_act, mean_embed, padded, register_head
-from students.masks import instance_masks
+from distillery import rle
+from distillery.students.model import losses
+from distillery.students.model.config import StudentConfig
+from distillery.students.model.heads import Features, Head, conv_bn_act, mean_embed, padded, register_head
+from distillery.students.model.masks import instance_masks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class DetectionHead(Head):
     def summary_ids(self, counts: Tensor, tokenizer, large: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The detection summary ("blue square x1, red circle x2 (1 large)", ``describe_detections``)
         as token ids (B, L) and validity: what the teacher LLM read in its prompt."""
-        from teachers.yolo import describe_detections
+        from distillery.teachers.nodes.yolo import describe_detections
 
         names = self.node.get("class_names", [])
         name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
@@ -231,7 +232,7 @@ class DetectionHead(Head):
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
         """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
         NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
-        from teachers.yolo import describe_detections, large_labels, mask_to_rle, rle_area
+        from distillery.teachers.nodes.yolo import describe_detections, large_labels
 
         conf, iou, max_det = self.thresholds()
         scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
@@ -247,8 +248,8 @@ class DetectionHead(Head):
                "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
         if self.segment:
             logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
-            res["masks"] = [mask_to_rle(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
-            res["areas"] = [round(rle_area(r) / (h * w), 6) for r in res["masks"]]
+            res["masks"] = [rle.encode(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
+            res["areas"] = [round(rle.area(r) / (h * w), 6) for r in res["masks"]]
             if self.large_area is not None:
                 res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
         return res

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from teachers.records import Request, make_input_id
+from distillery.runtime import resolve_device
+from distillery.teachers.records import Request, make_input_id
 
 BATCH_SIZES = (1, 16)
 
@@ -166,15 +167,6 @@ def time_per_image(run: Callable[[list], Any], pairs: list, batch_sizes: Sequenc
     return out
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device; None: CUDA when present, else the CPU."""
-    return torch.device(device) if device is not None else default_device()
-
-
 def spec_on_device(spec, device: str | torch.device):
     """A copy of ``spec`` whose every teacher node runs on ``device`` (YOLO, embedder, LLM)."""
     teachers = {name: cfg.model_copy(update={"device": str(device)}) for name, cfg in spec.teachers.items()}
@@ -186,8 +178,8 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
                     device: str | torch.device | None = None, backend: str = "auto") -> dict[str, Any]:
     """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one),
     on ``backend`` (``StudentPredictor.load``: auto, torch, onnx, onnx-int8; the result names it)."""
-    from registry.pull import student_dir
-    from students.predictor import StudentPredictor
+    from distillery.registry.pull import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
 
     pairs = read_inputs(images, questions)
     device = resolve_device(device)
@@ -225,7 +217,7 @@ def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequenc
                   device: str | torch.device | None = None) -> dict[str, Any]:
     """The same figures for the spec's whole teacher graph, run as the recorder runs it; with
     ``device``, every node is forced onto it (see ``spec_on_device``)."""
-    from teachers.graph import TeacherGraph
+    from distillery.teachers.graph import TeacherGraph
 
     pairs = read_inputs(images, questions)
     if device is not None:
@@ -234,7 +226,7 @@ def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequenc
 
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        graph = TeacherGraph(spec).load()
+        graph = TeacherGraph(spec.teachers).load()
         load_s = time.perf_counter() - t0
         lat = time_per_image(graph_runner(graph), pairs, batch_sizes, repeats, device)
     modules = graph_modules(graph)
@@ -250,7 +242,7 @@ def measure_graph(spec, images: Sequence[str | Path | bytes], questions: Sequenc
 
 def graph_runner(graph) -> Callable[[list], None]:
     """Run a loaded graph over a batch of (image bytes, question) as the recorder does."""
-    from teachers.record import run_shard
+    from distillery.teachers.record import run_shard
 
     def run(batch: list) -> None:
         recs = run_shard(graph, requests_of(batch))
@@ -268,16 +260,16 @@ def paired_speedup(model_dir: str | Path, spec, images: Sequence, questions: Seq
     student and one of the graph over the same inputs, in alternating order, so a change in the
     machine's speed between two measurements (a shared 2-core machine swings by 20-50% from one
     minute to the next) hits both sides of a ratio. Returns the median ratio and every round's."""
-    from registry.pull import student_dir
-    from students.predictor import StudentPredictor
-    from teachers.graph import TeacherGraph
+    from distillery.registry.pull import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
+    from distillery.teachers.graph import TeacherGraph
 
     pairs = read_inputs(images, questions)
     if device is not None:
         spec = spec_on_device(spec, device)
     device = resolve_device(device)
     predictor = StudentPredictor.load(student_dir(model_dir), device=device, backend=backend)
-    graph = TeacherGraph(spec).load()
+    graph = TeacherGraph(spec.teachers).load()
     runs = {"student": lambda batch: predictor.predict([{"image": img, "question": q} for img, q in batch]),
             "graph": graph_runner(graph)}
     key = f"latency_b{batch_size}_s"

@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from students.evaluate import (answer_agreement, as_predictor, compare_outputs, evaluate_against_truth,
+from distillery.students.evaluation.metrics import (answer_agreement, as_predictor, compare_outputs, evaluate_against_truth,
                                predict_records, retained, teacher_text_kl)
-from students.report import flat_metrics, headline_metrics
+from distillery.students.evaluation.report import flat_metrics, headline_metrics
 
 COMPARISONS = ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
 
@@ -33,8 +33,8 @@ COMPARISONS = ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
 def load_predictor(model: Any, device: str = "cpu"):
     """A StudentPredictor from a predictor/model object, a student folder (trained or pulled), or
     a registry reference (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...``)."""
-    from registry.pull import pull, student_dir
-    from students.predictor import StudentPredictor
+    from distillery.registry.pull import pull, student_dir
+    from distillery.students.serving.predictor import StudentPredictor
 
     if not isinstance(model, (str, Path)):
         return as_predictor(model)
@@ -237,7 +237,7 @@ def log_evaluation(report: dict[str, Any], run_id: str | None = None, prefix: st
     ``evaluation.json`` into MLflow: the given run, the active one, or a new run. Returns its id."""
     import mlflow
 
-    from registry.models import use_store
+    from distillery.registry.models import use_store
 
     active = mlflow.active_run()
     if run_id is None and active is not None:
@@ -280,10 +280,10 @@ def demo_setup(workdir: Path, preset: str, seed: int | None = None):
     """The demo world (``seed``: a fresh one) and its teachers under ``workdir``; (world, spec)."""
     import json
 
-    from demo.pipeline import write_spec
-    from demo.teachers import ensure_teachers
-    from demo.world import WorldConfig, build_world
-    from distillery.spec import load_spec
+    from distillery.demo.pipeline import write_spec
+    from distillery.demo.teachers import ensure_teachers
+    from distillery.demo.world import WorldConfig, build_world
+    from distillery.flows.spec import load_spec
 
     report = workdir / "report.json"
     if seed is None and report.exists() and json.loads(report.read_text()).get("preset") not in (None, preset):
@@ -301,8 +301,8 @@ def demo_setup(workdir: Path, preset: str, seed: int | None = None):
 
 def record_split(spec, world, split: str, traces: Path) -> list:
     """The split's teacher records (recorded now unless the store already holds them)."""
-    from teachers.record import record
-    from teachers.store import TraceStore
+    from distillery.teachers.record import record
+    from distillery.teachers.store import TraceStore
 
     summary = record(spec, str(world.split_dir(split)), str(traces))
     return TraceStore(str(traces)).read(fingerprint=summary.fingerprint, status="ok")
@@ -313,9 +313,9 @@ def run_eval(model_uri: str, split: str = "test", workdir: Path | None = None, p
     """Evaluate a registered model (or a student folder) on a split of the demo world; print a
     table and return the report. ``workdir`` (default: the demo's) keeps the world, teachers and
     traces, so a run after ``distillery demo`` reuses them; ``seed``: a fresh world instead."""
-    from demo.pipeline import default_workdir
+    from distillery.demo.pipeline import default_workdir
     from distillery import runtime
-    from registry.models import use_store
+    from distillery.registry.models import use_store
 
     runtime.configure()
     workdir = Path(workdir or default_workdir()).resolve()

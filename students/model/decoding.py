@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from students.config import StudentConfig
+from distillery.students.model.config import StudentConfig
 
 
 def answer_limit(cfg: StudentConfig, max_new_tokens: int | None = None) -> int:

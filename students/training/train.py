@@ -24,15 +24,31 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from distillery.spec import Spec
-from students.trainer import Callback, Dist, Trainer, seed_everything, setup_distributed, unflatten
-from teachers.records import TeacherRecord
+from distillery.students.model.config import StudentConfig
+from distillery.students.training.config import TrainConfig
+from distillery.students.training.trainer import Callback, Dist, Trainer, seed_everything, setup_distributed, unflatten
+from distillery.teachers.base import NodeConfig
+from distillery.teachers.inputs import InputsConfig
+from distillery.teachers.records import TeacherRecord
+
+
+class Spec(Protocol):
+    """What training reads of a spec (``distillery.flows.spec.Spec`` has it): the teacher graph
+    (which records are its, what the heads predict), the student and the training settings."""
+
+    name: str
+    teachers: Mapping[str, NodeConfig]
+    inputs: InputsConfig
+    student: StudentConfig
+    training: TrainConfig
+
+    def topological_order(self) -> list[str]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +77,8 @@ def read_traces(spec: Spec, traces: str, version: int | None = None, ctx: Dist |
     """The usable records of ``traces`` (``URI`` or ``URI@VERSION``) at one pinned version,
     recorded by this spec's teacher graph (its fingerprint). Under DDP every rank reads the
     version rank 0 pinned, even if a commit lands in between."""
-    from teachers.graph import TeacherGraph
-    from teachers.store import TraceStore, parse_traces_ref
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.store import TraceStore, parse_traces_ref
 
     uri, ref_version = parse_traces_ref(str(traces))
     if version is not None and ref_version is not None and version != ref_version:
@@ -75,7 +91,7 @@ def read_traces(spec: Spec, traces: str, version: int | None = None, ctx: Dist |
         shared = torch.tensor([pinned], device=ctx.device)
         dist.broadcast(shared, src=0)
         pinned = int(shared.item())
-    fingerprint = TeacherGraph(spec).fingerprint
+    fingerprint = TeacherGraph(spec.teachers).fingerprint
     records = [r for r in store.read(version=pinned, fingerprint=fingerprint, status=None) if usable(r)]
     if not records:
         raise ValueError(f"trace store {uri} at version {pinned} holds no usable record for this spec's "
@@ -228,10 +244,10 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
     init_from: a saved student to warm-start from. replay: older records to mix into training
     (as given). only_ids: train and validate only on these input ids (continual runs: the new
     records). callback: receives every progress event (rank 0)."""
-    from students.data import TraceDataset, batch_to, collate
-    from students.evaluate import evaluate_student
-    from students.model import MultimodalStudent
-    from students.schema import build_schema, load_tokenizer
+    from distillery.students.data import TraceDataset, batch_to, collate
+    from distillery.students.evaluation.metrics import evaluate_student
+    from distillery.students.model.student import MultimodalStudent
+    from distillery.students.model.schema import build_schema, load_tokenizer
 
     if out_dir is None:
         raise ValueError("train: out_dir is required (the folder the student is written to)")
@@ -271,7 +287,7 @@ def export_student_onnx(out_dir: Path, calibration: list[dict]) -> None:
     """The ONNX Runtime graphs beside the saved student (and the int8 graphs, calibrated on
     ``calibration``); a failure leaves the student usable on torch and says why (the export is a
     deployment convenience, not the model)."""
-    from students import onnx
+    from distillery.students.serving import onnx
 
     try:
         onnx.export_onnx(out_dir, calibration)

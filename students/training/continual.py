@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from teachers.records import TeacherRecord
-from teachers.store import TraceStore
+from distillery.teachers.records import TeacherRecord
+from distillery.teachers.store import TraceStore
 
 
 @dataclass

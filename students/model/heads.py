@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from students import losses
-from students.config import StudentConfig
+from distillery.students.model import losses
+from distillery.students.model.config import StudentConfig
 
 
 @dataclass
@@ -51,7 +51,7 @@ def register_head(key: str):
 
 def head_class(key: str) -> type["Head"]:
     """The head for a teacher node type, failing with the known keys."""
-    from students import detection  # noqa: F401  (the yolo head, in its own module, registers on import)
+    from distillery.students.model import detection  # noqa: F401  (the yolo head, in its own module, registers on import)
 
     try:
         return HEADS[key]

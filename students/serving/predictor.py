@@ -15,40 +15,16 @@ trace), stopped at eos, a stop string or the length limit.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from distillery import runtime
-from students.data import batch_to, encode_question, image_tensor, open_image
-from students.model import MultimodalStudent
-from teachers.llm import parse_output
-
-
-def read_image(image: Any, where: str) -> Image.Image:
-    """A path, bytes, base64 text or a PIL image -> RGB PIL image (EXIF orientation applied)."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return open_image(bytes(image), where)
-    if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and not image.startswith("data:")
-                                   and Path(image).is_file()):
-        try:
-            data = Path(image).read_bytes()
-        except OSError as e:
-            raise ValueError(f"{where}: cannot read {image}: {e}") from None
-        return open_image(data, where)
-    if isinstance(image, str) and image:
-        text = image.split(",", 1)[1] if image.startswith("data:") else image
-        try:
-            return open_image(base64.b64decode(text, validate=True), where)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{where}: 'image' is neither an existing file nor base64 image data") from None
-    raise ValueError(f"{where}: 'image' must be a path, bytes or a base64 string, got {type(image).__name__}")
+from distillery.images import read_image
+from distillery.students.data import batch_to, encode_question, image_tensor
+from distillery.students.model.student import MultimodalStudent
+from distillery.text import parse_output
 
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
@@ -70,7 +46,7 @@ class StudentPredictor:
         in ``model_dir/onnx``, exported now if missing or stale); ``onnx-int8`` (its int8
         graphs, written by training); ``auto`` (default): on the CPU with onnxruntime installed,
         the int8 graphs where the folder holds current ones, else the float ones, else torch."""
-        from students import onnx
+        from distillery.students.serving import onnx
 
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, path_identity, register_node
+from distillery.teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, path_identity, register_node
 
 MINILM_IDS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 HNSW_EF_CONSTRUCTION = 40  # faiss' default, part of the cache key

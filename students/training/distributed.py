@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from students.train_config import TrainConfig
+from distillery.runtime import resolve_device
+from distillery.students.training.config import TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,15 +42,6 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when available; ``cuda`` without a GPU is a clear error."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("training.device is 'cuda' but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def setup_distributed(cfg: TrainConfig) -> Dist:

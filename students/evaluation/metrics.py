@@ -24,7 +24,8 @@ import torch
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
-from teachers.llm import normalize_answer
+from distillery import rle
+from distillery.text import normalize_answer
 
 Output = dict[str, Any]
 
@@ -70,22 +71,12 @@ def detection_map(preds: Sequence[Output], targets: Sequence[Output]) -> dict[st
     return {"map50": max(float(r["map_50"]), 0.0), "map50_95": max(float(r["map"]), 0.0)}
 
 
-def _rles(rles: Iterable[dict]) -> list[dict]:
-    """JSON-stored RLEs (``counts`` as str) -> pycocotools' form (``counts`` as bytes)."""
-    out = []
-    for r in rles:
-        counts = r["counts"]
-        out.append({"size": [int(s) for s in r["size"]],
-                    "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
-    return out
-
-
 def mask_iou(pred_rles: Sequence[dict], target_rles: Sequence[dict]) -> float:
     """Mean IoU of one image's instance masks, matched one-to-one by Hungarian on IoU.
 
     Unmatched masks (extra or missing instances) count as IoU 0, so the mean is over
     ``max(len(pred), len(target))``; no mask on either side is perfect agreement (1.0)."""
-    p, t = _rles(pred_rles), _rles(target_rles)
+    p, t = rle.to_coco_list(pred_rles), rle.to_coco_list(target_rles)
     if not p and not t:
         return 1.0
     if not p or not t:
@@ -141,7 +132,7 @@ def retrieval_agreement(pred_ids: Sequence[Sequence[str]], ref_ids: Sequence[Seq
 
 def answer_agreement(pred_answers: Sequence[str], ref_answers: Sequence[str]) -> float:
     """Exact match after normalisation (case, spaces and surrounding punctuation, as the
-    teacher's own voting does: ``teachers.llm.normalize_answer``)."""
+    teacher's own voting does: ``distillery.text.normalize_answer``)."""
     if len(pred_answers) != len(ref_answers):
         raise ValueError(f"answer_agreement: {len(pred_answers)} predictions for {len(ref_answers)} references")
     if not ref_answers:
@@ -156,7 +147,7 @@ def token_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs
 
     Both distributions are the k stored ids plus one tail bucket (``students.losses``, T = 1).
     student_logits: (T, V) or (B, T, V); topk_ids, topk_logprobs: (..., T, k); mask: (..., T)."""
-    from students.losses import topk_kd_loss
+    from distillery.students.model.losses import topk_kd_loss
 
     if student_logits.dim() == 2:
         student_logits, topk_ids, topk_logprobs = student_logits[None], topk_ids[None], topk_logprobs[None]
@@ -250,9 +241,9 @@ def evaluate_student(predictor_or_model, records: Sequence, schema=None, *, batc
 def teacher_text_kl(model, records: Sequence, batch_size: int = 16) -> dict[str, float]:
     """Per llm node: mean per-token KL(teacher || student) over the teacher's generated text
     (reasoning + answer, teacher-forced on the [rationale] task), at T = 1 on the stored top-k."""
-    from students.data import TraceDataset, batch_to, collate
-    from students.schema import load_tokenizer
-    from students.losses import topk_kd_per_token
+    from distillery.students.data import TraceDataset, batch_to, collate
+    from distillery.students.model.schema import load_tokenizer
+    from distillery.students.model.losses import topk_kd_per_token
 
     nodes = [n for n, node in model.schema.nodes.items() if node["type"] == "llm"]
     if not nodes or not records:
@@ -303,7 +294,7 @@ def as_predictor(obj):
     """A StudentPredictor as is; a MultimodalStudent wrapped into one."""
     if hasattr(obj, "predict"):
         return obj
-    from students.predictor import StudentPredictor
+    from distillery.students.serving.predictor import StudentPredictor
 
     return StudentPredictor.from_model(obj)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from teachers.records import TeacherRecord
+from distillery.teachers.records import TeacherRecord
 
 NODE_TYPES = ("yolo", "rag", "llm")
 
@@ -92,7 +92,7 @@ def _yolo_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:
 
 
 def _rag_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:
-    from teachers.rag import read_documents
+    from distillery.teachers.nodes.rag import read_documents
 
     ids: list[str] = []
     if Path(cfg.documents).is_file():

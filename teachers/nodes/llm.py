@@ -8,7 +8,6 @@ drafts, keep one by majority vote or by mean log-prob (self-consistency, rejecti
 
 from __future__ import annotations
 
-import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Callable, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, path_identity, register_node
+from distillery.text import normalize_answer, parse_output
+from distillery.teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, path_identity, register_node
 
 
 class LLMConfig(NodeConfig):
@@ -62,39 +62,6 @@ class LLMConfig(NodeConfig):
 
 
 # -- pure helpers: parsing and draft selection -------------------------------------------------
-
-def split_reasoning(text: str, think_start: str, think_end: str) -> tuple[str, str]:
-    """(think, rest): the text between the think markers and the text after the end marker.
-
-    No end marker: an open think block (truncated while reasoning) is all think and no answer;
-    no marker at all is all answer. A missing start marker (chat templates that put ``<think>``
-    in the prompt) counts the text before ``think_end`` as the think."""
-    end = text.find(think_end)
-    start = text.find(think_start)
-    if end >= 0:
-        begin = start + len(think_start) if 0 <= start < end else 0
-        return text[begin:end], text[end + len(think_end):]
-    if start >= 0:
-        return text[start + len(think_start):], ""
-    return "", text
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text before the earliest stop string (the whole text when none occurs)."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(cuts)] if cuts else text
-
-
-def parse_output(text: str, think_start: str, think_end: str, stop: list[str]) -> tuple[str, str]:
-    """(think, answer), both stripped; the answer is cut at the first stop string."""
-    think, rest = split_reasoning(text, think_start, think_end)
-    return think.strip(), cut_at_stop(rest, stop).strip()
-
-
-def normalize_answer(answer: str) -> str:
-    """Key under which answers vote: lower case, single spaces, no surrounding punctuation."""
-    return " ".join(answer.lower().split()).strip(string.punctuation + " ")
-
 
 @dataclass
 class Draft:
@@ -180,7 +147,6 @@ class LLMNode(TeacherNode):
         from distillery import runtime
 
         runtime.configure()
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cfg = self.config
@@ -189,7 +155,7 @@ class LLMNode(TeacherNode):
         self.tok.padding_side = "left"  # batched generation continues every row at the same column
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(runtime.resolve_device(cfg.device))
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, **kw).to(self.device).eval()
         self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from pydantic import Field, model_validator
 
-from teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, register_node
+from distillery import rle
+from distillery.teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, register_node
 
 
 class YoloConfig(NodeConfig):
@@ -69,28 +69,6 @@ def large_labels(labels: list[str], areas: list[float], large_area: float | None
     if large_area is None:
         return None
     return [label for label, a in zip(labels, areas, strict=True) if a >= large_area]
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """(H, W) binary mask -> COCO RLE ``{"size": [H, W], "counts": str}`` (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def _coco(rle: dict[str, Any]) -> dict[str, Any]:
-    """A stored RLE (``counts`` as str or bytes) as pycocotools takes it (bytes)."""
-    counts = rle["counts"]
-    return {"size": [int(s) for s in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def rle_area(rle: dict[str, Any]) -> int:
-    """Pixels of a COCO RLE mask, counted on the runs, not the pixels."""
-    return int(mask_utils.area(_coco(rle)))
-
-
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE (``counts`` as str or bytes) -> (H, W) uint8 mask of 0/1."""
-    return mask_utils.decode(_coco(rle))
 
 
 # -- the predictor that keeps the soft labels -------------------------------------------------
@@ -205,8 +183,8 @@ class YoloNode(TeacherNode):
         if self.config.task == "segment" and result.masks is not None:
             data = result.masks.data.cpu()  # (N, h', w') at inference size, letterboxed
             keep = data.flatten(1).amax(1) > 0  # Ultralytics drops boxes whose mask is empty
-            masks = [mask_to_rle(_unletterbox(m, (h, w))) for m in data[keep]]
-            areas = [round(rle_area(r) / (h * w), 6) for r in masks]
+            masks = [rle.encode(_unletterbox(m, (h, w))) for m in data[keep]]
+            areas = [round(rle.area(r) / (h * w), 6) for r in masks]
         classes = boxes.cls.cpu()[keep].numpy().astype(np.int32)  # (N,)
         labels = [self.names[int(c)] for c in classes]
         large = large_labels(labels, areas, self.config.large_area) if len(areas) == len(labels) else None

@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, default_collate
 
-from students.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from students.distributed import (Dist, make_loaders, resolve_device, seed_everything,  # noqa: F401  (re-exported)
+from distillery.runtime import resolve_device
+from distillery.students.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distillery.students.training.distributed import (Dist, make_loaders, seed_everything,  # noqa: F401  (re-exported)
                                   setup_distributed, to_device)
-from students.train_config import TrainConfig
+from distillery.students.training.config import TrainConfig
 
 Callback = Callable[[dict[str, Any]], None]
 
