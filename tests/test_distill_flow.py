@@ -83,7 +83,7 @@ def test_the_run_holds_params_epoch_and_system_metrics_plots_and_the_report(runs
     assert mv.run_id == run.info.run_id and run.data.tags["registered_version"].endswith(f"/{mv.version}")
     model = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}",
                                                      tracking_uri=client.tracking_uri))
-    assert (model / "code" / "students" / "predictor.py").is_file()
+    assert (model / "code" / "distillery" / "students" / "serving" / "predictor.py").is_file()
     student = {p.name for p in (model / "artifacts" / "student").iterdir()}
     assert "model.safetensors" in student and not {"train_result.json", "checkpoints"} & student
 

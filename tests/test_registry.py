@@ -253,8 +253,11 @@ def test_logged_model_has_signature_input_example_and_its_code(env, champion):
     saved = json.loads((folder / example["artifact_path"]).read_text())
     assert "question" in json.dumps(saved)
     code = mlmodel["flavors"]["python_function"]["code"]  # code_paths: the packages it imports
-    for module in ("students/predictor.py", "students/model.py", "teachers/records.py", "registry/pyfunc_model.py"):
-        assert (folder / code / module).is_file(), module
+    for module in ("students/serving/predictor.py", "students/model/student.py", "teachers/records.py",
+                   "registry/pyfunc_model.py", "rle.py", "images.py"):
+        assert (folder / code / "distillery" / module).is_file(), module
+    assert sorted(p.name for p in (folder / code).iterdir()) == ["distillery"]  # one namespace on sys.path
+    assert not (folder / code / "distillery" / "cli.py").exists()
     assert not list((folder / code).rglob("__pycache__"))
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from distillery.flows.spec import Spec, SpecError, load_spec
-from distillery.teachers.graph import render_template
+from distillery.teachers.graph import dependencies, render_template
 
 BASE = {
     "detector": {"type": "yolo", "weights": "yolo11n.yaml"},
@@ -23,7 +23,7 @@ def test_topological_order_follows_references():
     order = make(BASE).topological_order()
     assert order.index("reasoner") > order.index("detector")
     assert order.index("reasoner") > order.index("retriever")
-    assert make(BASE).dependencies("reasoner") == {"detector", "retriever"}
+    assert dependencies(make(BASE).teachers, "reasoner") == {"detector", "retriever"}
 
 
 @pytest.mark.parametrize(

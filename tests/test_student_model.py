@@ -238,7 +238,7 @@ def test_predictor_accepts_path_bytes_and_base64_and_returns_json(setup, trained
     default = predictor.predict([{"image": rec.image_bytes}])[0]  # the spec's default question
     asked = predictor.predict([{"image": rec.image_bytes, "question": setup["spec"].inputs.default_question}])[0]
     assert default == asked
-    with pytest.raises(ValueError, match="request 1: 'image' is neither an existing file nor base64"):
+    with pytest.raises(ValueError, match="request 1: 'image' is neither an existing file nor valid base64"):
         predictor.predict([requests[0], {"image": "no-such-file.png", "question": "q"}])
     with pytest.raises(ValueError, match="request 0: cannot decode the image"):
         predictor.predict([{"image": b"GIF89a-not-really", "question": "q"}])
