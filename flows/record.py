@@ -1,26 +1,27 @@
 """The record flow: run the teacher graph over inputs and commit TeacherRecords.
 
-Thin by design: every step is a plain function in ``teachers/record.py``. Tasks are one per
-(node, shard) — never per input — with retries for transient whole-shard failures (per-input
-failures are recorded as quarantines, not retried). Each shard's records are committed in the
-flow itself, one atomic append (a task run per commit cost more than the commit). Parameters
-are the pydantic ``Spec`` so the Prefect UI renders a typed form.
+Thin by design: the loop is ``teachers.record.record``; the flow gives it how a shard's nodes
+run (one task per (node, shard), never per input, with retries for transient whole-shard
+failures; per-input failures are recorded as quarantines, not retried) and a progress artifact.
+Each shard's records are committed in the flow itself, one atomic append (a task run per commit
+cost more than the commit). Parameters are the pydantic ``Spec`` so the Prefect UI renders a
+typed form.
 """
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from distillery import runtime
 from distillery.flows.spec import Spec
 from distillery.teachers.graph import NodeResult, TeacherGraph
-from distillery.teachers.record import RecordSummary, plan, run_shard, shards, summarize
+from distillery.teachers.record import RecordSummary, record
 from distillery.teachers.records import Request
-from distillery.teachers.store import TraceStore
 
 
 @task(name="run-node", cache_policy=NO_CACHE, task_run_name="{name} shard {shard}")
@@ -66,32 +67,45 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
         traces: trace store URI (a Lance dataset path).
     """
     logger = get_run_logger()
-    t0 = time.perf_counter()
-    graph = TeacherGraph(spec.teachers)
-    store = TraceStore(traces)
-    p = plan(spec, inputs, store, graph.fingerprint)
-    summary = RecordSummary(skipped=p.skipped, traces=traces, fingerprint=graph.fingerprint)
-    logger.info("graph %s: %d to record, %d already recorded, %d refused",
-                graph.fingerprint[:12], len(p.todo), p.skipped, len(p.bad))
-    if p.bad:
-        store.append(p.bad)
-        summarize(summary, p.bad)
-    progress_id = create_progress_artifact(progress=0.0 if p.todo else 100.0, key="record-progress",
-                                           description="Inputs recorded in this run (%)")
-    if p.todo:
-        graph.load()
-    done = 0
-    for no, shard in enumerate(shards(p.todo, spec.record.shard_size)):
-        recs = run_shard(graph, shard, _shard_runner(graph, no, spec.record.retries, spec.record.retry_delay_s))
-        store.append(recs)  # one atomic commit per shard, in the flow (a task would add ~0.1 s)
-        summarize(summary, recs)
-        done += len(shard)
-        update_progress_artifact(progress_id, 100.0 * done / len(p.todo))
-        _notify(done, len(p.todo))
-    summary.version = store.version
-    summary.seconds = time.perf_counter() - t0
+    progress: dict = {}
+
+    def on_plan(p, graph: TeacherGraph) -> None:
+        logger.info("graph %s: %d to record, %d already recorded, %d refused",
+                    graph.fingerprint[:12], len(p.todo), p.skipped, len(p.bad))
+
+    def on_progress(done: int, total: int) -> None:
+        share = 100.0 * done / total if total else 100.0
+        if "id" not in progress:
+            progress["id"] = create_progress_artifact(progress=share, key="record-progress",
+                                                      description="Inputs recorded in this run (%)")
+        else:
+            update_progress_artifact(progress["id"], share)
+        if done:
+            _notify(done, total)
+
+    def shard_runner(graph: TeacherGraph, shard_no: int):
+        return _shard_runner(graph, shard_no, spec.record.retries, spec.record.retry_delay_s)
+
+    summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, shard_runner=shard_runner)
     _publish(summary)
     return summary.to_json()
+
+
+def run_record(spec: Spec, inputs: str | Path, traces: str, show_progress: bool = True) -> dict:
+    """Run the record flow in this process (Prefect's local server unless ``PREFECT_API_URL`` is
+    set), with a progress bar on stderr; its summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not show_progress) as bar:
+        task_id = bar.add_task("record", total=None)
+        remove = add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
+        try:
+            with runtime.local_prefect():
+                return record_flow(spec=spec, inputs=str(inputs), traces=traces)
+        finally:
+            remove()  # a later run in this process draws its own bar
 
 
 def _publish(summary: RecordSummary) -> None:

@@ -1,8 +1,8 @@
 """Recording: run the teacher graph over inputs and commit one TeacherRecord per input.
 
-Plain functions, no Prefect: ``flows/record.py`` wraps ``run_node`` in tasks (one
-task per (node, shard), never per input); ``record`` here is the same loop without Prefect (used
-by tests and by the benchmark's direct baseline).
+Plain functions, no Prefect: ``record`` is the one record loop; ``flows/record.py`` drives it
+with one Prefect task per (node, shard), never per input (its ``shard_runner``), and its progress
+artifact (``on_progress``); tests and the benchmark's direct baseline call it as is.
 
 Order of work: validate inputs -> skip those already recorded for this graph fingerprint ->
 quarantine bad inputs -> per shard: each node in topological order over the shard -> assemble
@@ -144,27 +144,41 @@ def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
     summary.by_reason = dict(reasons)
 
 
+ShardRunner = Callable[[TeacherGraph, int], RunNode]  # (graph, shard number) -> how its nodes run
+
+
 def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | None = None,
-           on_shard: Callable[[int, int], None] | None = None) -> RecordSummary:
-    """Record every not-yet-recorded input; the same loop as the flow, without Prefect."""
+           on_progress: Callable[[int, int], None] | None = None, shard_runner: ShardRunner | None = None,
+           on_plan: Callable[[Plan, TeacherGraph], None] | None = None) -> RecordSummary:
+    """Record every input of ``inputs`` not yet recorded in ``traces`` under this graph: the one
+    record loop (the record flow drives it with Prefect tasks; tests and benchmarks call it as is).
+
+    Validate -> skip recorded -> store the refused ones -> per shard: every node in topological
+    order, then one atomic commit. ``on_plan(plan, graph)`` once the work is known;
+    ``on_progress(done, total)`` with (0, total) first, then after each committed shard;
+    ``shard_runner(graph, shard_no)`` how a shard's nodes run (default: ``graph.run_node``)."""
     t0 = time.perf_counter()
     graph = graph or TeacherGraph(spec.teachers)
     store = TraceStore(traces)
     p = plan(spec, inputs, store, graph.fingerprint)
     summary = RecordSummary(skipped=p.skipped, traces=str(traces), fingerprint=graph.fingerprint)
+    if on_plan:
+        on_plan(p, graph)
     if p.bad:
         store.append(p.bad)
         summarize(summary, p.bad)
+    if on_progress:
+        on_progress(0, len(p.todo))
     if p.todo:
         graph.load()
     done = 0
-    for shard in shards(p.todo, spec.record.shard_size):
-        recs = run_shard(graph, shard)
-        store.append(recs)
+    for no, shard in enumerate(shards(p.todo, spec.record.shard_size)):
+        recs = run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None)
+        store.append(recs)  # one atomic commit per shard
         summarize(summary, recs)
         done += len(shard)
-        if on_shard:
-            on_shard(done, len(p.todo))
+        if on_progress:
+            on_progress(done, len(p.todo))
     summary.version = store.version
     summary.seconds = time.perf_counter() - t0
     return summary

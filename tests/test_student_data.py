@@ -179,7 +179,8 @@ def test_images_are_decoded_like_requests_exif_and_rgb():
 def test_decoded_items_are_kept_and_a_kept_item_flips_exactly_like_a_fresh_decode(graph):
     """Decoding is done once per record; a flipped epoch gives the bytes a flipped decode gives."""
     from distillery.images import open_image
-    from distillery.students.data import image_tensor, yolo_target
+    from distillery.students.data import image_tensor
+    from distillery.students.model.heads.yolo import yolo_target
 
     _, records, schema, tok = graph
     cfg = tiny_config(hflip=1.0)

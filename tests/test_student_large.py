@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distillery.students.model.detection import DetectionHead
+from distillery.students.model.heads.yolo import DetectionHead
 from distillery.students.model.heads import Features
 from distillery.students.model.masks import instance_masks
 from student_support import tiny_config

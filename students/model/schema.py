@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from distillery.students.model.heads import head_class
 from distillery.teachers.records import TeacherRecord
-
-NODE_TYPES = ("yolo", "rag", "llm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,9 +26,8 @@ NODE_TYPES = ("yolo", "rag", "llm")
 class StudentSchema:
     """Everything the model needs to know about the graph; JSON (saved in config.json).
 
-    nodes: node name -> {"type": "yolo", "task", "num_classes", "class_names", "conf", "iou",
-    "max_det"} | {"type": "rag", "doc_ids", "top_k"} | {"type": "llm", "model", "stop",
-    "think_start", "think_end"}. text: {"vocab_size", "pad_id", "eos_ids"}. tokenizer: the folder
+    nodes: node name -> {"type": the node type, **its head's ``schema_entry``} (for example a
+    ``yolo`` node's classes, a ``rag`` node's document ids, an ``llm`` node's stop strings). text: {"vocab_size", "pad_id", "eos_ids"}. tokenizer: the folder
     (or hub id) of the tokenizer; None = a built-in byte-level one (graphs without an llm node)."""
 
     nodes: dict[str, dict[str, Any]]
@@ -50,60 +48,27 @@ class StudentSchema:
 
 
 def build_schema(spec, records: list[TeacherRecord]) -> StudentSchema:
-    """The schema of ``spec``'s teacher graph; class counts and document ids also come from the
-    records (the documents file of a rag node, when readable, fixes the document order)."""
+    """The schema of ``spec``'s teacher graph: per node its type and its head's schema entry
+    (class counts and document ids come from the records too), the tokenizer the student shares
+    with the graph's LLM, and the text side's vocabulary and eos ids."""
     nodes: dict[str, dict[str, Any]] = {}
-    for name in spec.topological_order():  # the last llm node is the graph's final answer
+    for name in spec.topological_order():  # the last generative node is the graph's final answer
         cfg = spec.teachers[name]
+        try:
+            head = head_class(cfg.type)
+        except KeyError as e:
+            raise KeyError(f"teachers.{name}: {e.args[0]}") from None
         outs = [r.outputs[name] for r in records if isinstance(r.outputs.get(name), dict)]
-        if cfg.type == "yolo":
-            nodes[name] = _yolo_node(name, cfg, outs)
-        elif cfg.type == "rag":
-            nodes[name] = _rag_node(name, cfg, outs)
-        elif cfg.type == "llm":
-            nodes[name] = {"type": "llm", "model": cfg.model, "stop": list(cfg.stop),
-                           "think_start": cfg.think_start, "think_end": cfg.think_end}
-        else:
-            raise KeyError(f"teachers.{name}: the student has no head for node type {cfg.type!r}; "
-                           f"known: {', '.join(NODE_TYPES)}")
-    llms = [n for n in nodes.values() if n["type"] == "llm"]
-    schema = StudentSchema(nodes, tokenizer=llms[0]["model"] if llms else None,
+        nodes[name] = {"type": cfg.type, **head.schema_entry(name, cfg, outs)}
+    sources = [src for n in nodes.values() if (src := head_class(n["type"]).tokenizer_source(n)) is not None]
+    schema = StudentSchema(nodes, tokenizer=sources[0] if sources else None,
                            default_question=spec.inputs.default_question)
     tok = load_tokenizer(schema)
-    _check_same_tokenizer(tok, llms)
-    llm_names = [k for k, n in nodes.items() if n["type"] == "llm"]
-    schema.text = _text_info(tok, llms[0]["model"] if llms else None, records, llm_names)
+    _check_same_tokenizer(tok, sources)
+    ids = [a for r in records for name, n in nodes.items() if isinstance(r.outputs.get(name), dict)
+           for a in head_class(n["type"]).token_ids(r.outputs[name])]
+    schema.text = _text_info(tok, schema.tokenizer, ids)
     return schema
-
-
-def _yolo_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:
-    names: dict[int, str] = {}
-    num = 0
-    for o in outs:
-        probs = np.asarray(o.get("class_probs", []))
-        if probs.ndim == 2:
-            num = max(num, probs.shape[1])
-        for c, label in zip(np.asarray(o.get("classes", []), dtype=np.int64).tolist(), o.get("labels", [])):
-            names[c] = str(label)
-    num = max(num, max(names, default=-1) + 1, 1)
-    return {"type": "yolo", "task": cfg.task, "num_classes": num,
-            "class_names": [names.get(i, str(i)) for i in range(num)],
-            "conf": cfg.conf, "iou": cfg.iou, "max_det": cfg.max_det, "large_area": getattr(cfg, "large_area", None)}
-
-
-def _rag_node(name: str, cfg, outs: list[dict]) -> dict[str, Any]:
-    from distillery.teachers.nodes.rag import read_documents
-
-    ids: list[str] = []
-    if Path(cfg.documents).is_file():
-        ids = read_documents(cfg.documents)[0]
-    known = set(ids)
-    extra = sorted({str(i) for o in outs for i in o.get("ids", [])} - known)
-    ids += extra
-    if not ids:
-        raise ValueError(f"teachers.{name}: no documents: {cfg.documents} is not readable and no record holds "
-                         "retrieved ids")
-    return {"type": "rag", "doc_ids": ids, "top_k": cfg.top_k}
 
 
 def _read_json(path: Path) -> dict:
@@ -113,7 +78,7 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _text_info(tok, model: str | None, records: list[TeacherRecord], llm_names: list[str]) -> dict[str, Any]:
+def _text_info(tok, model: str | None, stored_ids: list) -> dict[str, Any]:
     """Vocabulary size (tokenizer, model config and every stored id must fit) and eos ids."""
     vocab = len(tok)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -123,13 +88,10 @@ def _text_info(tok, model: str | None, records: list[TeacherRecord], llm_names: 
         for c in (conf, _read_json(Path(model) / "generation_config.json")):
             e = c.get("eos_token_id")
             eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
-    for r in records:
-        for name in llm_names:
-            o = r.outputs.get(name) or {}
-            for key in ("token_ids", "topk_ids"):
-                a = np.asarray(o.get(key, []))
-                if a.size:
-                    vocab = max(vocab, int(a.max()) + 1)
+    for ids in stored_ids:
+        a = np.asarray(ids)
+        if a.size:
+            vocab = max(vocab, int(a.max()) + 1)
     if not eos:
         raise ValueError(f"tokenizer {model or '(byte-level)'}: no eos token (tokenizer or model config), "
                          "so the student could not learn to stop")
@@ -137,11 +99,11 @@ def _text_info(tok, model: str | None, records: list[TeacherRecord], llm_names: 
     return {"vocab_size": vocab, "pad_id": int(pad), "eos_ids": sorted(int(e) for e in eos)}
 
 
-def _check_same_tokenizer(tok, llms: list[dict]) -> None:
-    for n in llms[1:]:
-        other = load_tokenizer(StudentSchema({}, tokenizer=n["model"])) if n["model"] != llms[0]["model"] else tok
+def _check_same_tokenizer(tok, sources: list[str]) -> None:
+    for src in sources[1:]:
+        other = load_tokenizer(StudentSchema({}, tokenizer=src)) if src != sources[0] else tok
         if other.get_vocab() != tok.get_vocab():
-            raise ValueError(f"llm nodes use different tokenizers ({llms[0]['model']} vs {n['model']}); "
+            raise ValueError(f"llm nodes use different tokenizers ({sources[0]} vs {src}); "
                              "the student's one text decoder needs one vocabulary")
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distillery.students.model.config import StudentConfig
-from distillery.students.data import StudentSchema, load_tokenizer
+from distillery.students.model.schema import StudentSchema, load_tokenizer
 from distillery.students.model.decoding import answer_limit, greedy_decode
 from distillery.students.model.heads import Features, conv_bn_act, head_class
 from distillery.students.model.losses import LossBalancer
@@ -197,7 +197,7 @@ class MultimodalStudent(nn.Module):
     def __init__(self, cfg: StudentConfig, schema: StudentSchema):
         super().__init__()
         self.cfg, self.schema, self.tokenizer, self.fused = cfg, schema, None, False
-        need_p4 = any(n["type"] == "yolo" and n.get("task") == "segment" for n in schema.nodes.values())
+        need_p4 = any("p4" in head_class(n["type"]).feature_maps(n) for n in schema.nodes.values())
         self.vision = VisionEncoder(cfg.vision_widths, need_p4)
         self.heads = nn.ModuleDict({name: head_class(node["type"])(name, node, cfg)
                                     for name, node in schema.nodes.items()})

@@ -255,9 +255,11 @@ def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from distillery.students.serving.predictor import StudentPredictor
+    from distillery.students.data import prepare_requests
 
-    prepare = StudentPredictor(model, model.tokenizer).prepare
+    def prepare(requests: list[dict]):
+        return prepare_requests(requests, model.cfg, model.schema, model.tokenizer)
+
     batches = []
     for i, req in enumerate(calibration):
         try:

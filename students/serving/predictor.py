@@ -21,13 +21,26 @@ from typing import Any
 import torch
 
 from distillery import runtime
-from distillery.images import read_image
-from distillery.students.data import batch_to, encode_question, image_tensor
+from distillery.students.data import batch_to, prepare_requests
 from distillery.students.model.student import MultimodalStudent
 from distillery.text import parse_output
 
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+STUDENT_FILES = ("model.safetensors", "config.json")  # the least a student folder holds
+
+
+def student_dir(folder: str | Path) -> Path:
+    """The student inside a pulled folder (``folder/student``) or the folder itself, checked:
+    FileNotFoundError names the folder and what it lacks."""
+    folder = Path(folder)
+    model_dir = folder / "student" if (folder / "student").is_dir() else folder
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"student folder {model_dir}: not a directory")
+    missing = [f for f in STUDENT_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"student folder {model_dir}: missing {', '.join(missing)}")
+    return model_dir.resolve()
 
 
 class StudentPredictor:
@@ -77,29 +90,9 @@ class StudentPredictor:
         return cls(model, model.text_tokenizer(), next(model.parameters()).device)
 
     def prepare(self, requests: list[dict]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-        """Requests -> a model batch (no targets) and each image's original (height, width)."""
-        cfg, schema = self.model.cfg, self.model.schema
-        images, questions, sizes = [], [], []
-        for i, req in enumerate(requests):
-            where = f"request {i}"
-            if not isinstance(req, dict) or "image" not in req:
-                raise ValueError(f"{where}: expected {{'image': ..., 'question': ...}}, got {type(req).__name__}")
-            question = req.get("question") or schema.default_question
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string "
-                                 "(and the spec has no default_question)")
-            img = read_image(req["image"], where)
-            sizes.append((img.height, img.width))
-            images.append(image_tensor(img, cfg.image_size, downscale=cfg.downscale))
-            questions.append(encode_question(self.tokenizer, question, cfg.max_question_tokens))
-        L = max([len(q) for q in questions] + [1])
-        q_ids = torch.zeros(len(questions), L, dtype=torch.long)
-        for j, q in enumerate(questions):
-            q_ids[j, : len(q)] = torch.tensor(q, dtype=torch.long)
-        q_mask = torch.arange(L)[None] < torch.tensor([len(q) for q in questions])[:, None]
-        batch = {"images": torch.stack(images).to(self.device), "question_ids": q_ids.to(self.device),
-                 "question_mask": q_mask.to(self.device)}
-        return batch, sizes
+        """Requests -> a model batch (no targets) on the predictor's device, and each image's
+        original (height, width)."""
+        return prepare_requests(requests, self.model.cfg, self.model.schema, self.tokenizer, self.device)
 
     @torch.inference_mode()
     def predict(self, requests: list[dict]) -> list[dict[str, Any]]:

@@ -112,15 +112,3 @@ def make_loaders(train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig, ct
                           multiprocessing_context="spawn" if cfg.num_workers > 0 else None)
 
     return loader(train_ds, True), (loader(val_ds, False) if val_ds is not None and len(val_ds) else None)
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """Every tensor of a (nested dict/list) batch on ``device``; python values as they are
-    (the trainer's default ``batch_to``; ``students.data.batch_to`` is this function)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch

@@ -28,8 +28,9 @@ from torch.utils.data import Dataset, default_collate
 
 from distillery.runtime import resolve_device
 from distillery.students.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distillery.students.data import batch_to as to_device
 from distillery.students.training.distributed import (Dist, make_loaders, seed_everything,  # noqa: F401  (re-exported)
-                                  setup_distributed, to_device)
+                                                      setup_distributed)
 from distillery.students.training.config import TrainConfig
 
 Callback = Callable[[dict[str, Any]], None]

@@ -4,7 +4,9 @@ the number of large objects per class when the teacher node has ``large_area``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +16,10 @@ from torchvision.ops import batched_nms
 from distillery import rle
 from distillery.students.model import losses
 from distillery.students.model.config import StudentConfig
-from distillery.students.model.heads import Features, Head, conv_bn_act, mean_embed, padded, register_head
+from distillery.students.model.heads.base import (Features, Head, Output, Target, TargetContext, conv_bn_act,
+                                                  lengths_mask, mean_embed, pad, padded, present_mask, register_head)
 from distillery.students.model.masks import instance_masks
+from distillery.students.model.scores import detection_map, mean_mask_iou
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,6 +33,59 @@ class DetectionHead(Head):
     positives); with task segment, YOLACT prototypes (stride 4) and per-location coefficients."""
 
     reads_text = False
+    OUTPUT_KEY = "boxes"
+
+    @classmethod
+    def schema_entry(cls, name: str, config: Any, outputs: list[Output]) -> dict[str, Any]:
+        """num_classes and class_names (from the recorded labels and class-score rows), the
+        teacher's thresholds, and its large_area (masks that count as large)."""
+        names: dict[int, str] = {}
+        num = 0
+        for o in outputs:
+            probs = np.asarray(o.get("class_probs", []))
+            if probs.ndim == 2:
+                num = max(num, probs.shape[1])
+            for c, label in zip(np.asarray(o.get("classes", []), dtype=np.int64).tolist(), o.get("labels", [])):
+                names[c] = str(label)
+        num = max(num, max(names, default=-1) + 1, 1)
+        return {"task": config.task, "num_classes": num, "class_names": [names.get(i, str(i)) for i in range(num)],
+                "conf": config.conf, "iou": config.iou, "max_det": config.max_det,
+                "large_area": getattr(config, "large_area", None)}
+
+    @classmethod
+    def feature_maps(cls, node: dict[str, Any]) -> set[str]:
+        return {"p4"} if node.get("task") == "segment" else set()  # the mask prototypes' stride
+
+    @classmethod
+    def target_builder(cls, name: str, node: dict[str, Any], ctx: TargetContext
+                       ) -> Callable[[Output | None], Target | None]:
+        """An empty target where the node has no output: the batch still needs C and the mask size."""
+        proto = ctx.cfg.image_size // 4
+        return lambda out: yolo_target(out or {}, node, proto, flip=False)
+
+    @classmethod
+    def flip_target(cls, target: Target) -> Target:
+        b = target["boxes"]  # (N, 4) xyxy normalized
+        return {**target, "boxes": torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1).clamp(0, 1),
+                "masks": target["masks"].flip(-1)}
+
+    @classmethod
+    def collate(cls, entries: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        ts = [e["target"] for e in entries]  # every input has one (empty where not present)
+        boxes = pad([t["boxes"] for t in ts], 0.0)
+        return {"mask": present_mask(entries), "boxes": boxes,
+                "valid": lengths_mask([t["boxes"] for t in ts], boxes.shape[1]),
+                "probs": pad([t["probs"] for t in ts], 0.0), "masks": pad([t["masks"] for t in ts], 0),
+                "areas": pad([t["areas"] for t in ts], 0.0), "has_masks": torch.stack([t["has_masks"] for t in ts])}
+
+    @classmethod
+    def metrics(cls, preds: Sequence[Output], refs: Sequence[Output], *, k: int = 5,
+                truth: bool = False) -> dict[str, float]:
+        """Box mAP50 and mAP50-95 (COCO, torchmetrics), and mask IoU where either side has masks."""
+        out = detection_map(preds, refs)
+        if any(r.get("masks") for r in refs) or any(p.get("masks") for p in preds):
+            out["mask_iou"] = mean_mask_iou(preds, refs)
+        return out
 
     def __init__(self, name: str, node: dict[str, Any], cfg: StudentConfig):
         super().__init__(name, node, cfg)
@@ -253,3 +310,37 @@ class DetectionHead(Head):
             if self.large_area is not None:
                 res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
         return res
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+def yolo_target(out: dict, node: dict, proto: int, flip: bool) -> dict[str, torch.Tensor]:
+    """boxes (N, 4), probs (N, C) (the teacher's per-class scores), masks (N, proto, proto) uint8,
+    areas (N,) (each mask's share of the image).
+    An empty ``out`` gives N = 0 (the shapes the batch needs for an input without a target)."""
+    boxes = torch.as_tensor(np.asarray(out.get("boxes", []), dtype=np.float32)).reshape(-1, 4)  # (N, 4)
+    n, C = len(boxes), node["num_classes"]
+    probs = np.asarray(out.get("class_probs", []), dtype=np.float32)
+    if probs.size == 0 and n:  # no soft label stored: one-hot scaled by the score
+        probs = np.zeros((n, C), np.float32)
+        probs[np.arange(n), np.asarray(out["classes"], dtype=np.int64)] = np.asarray(out.get("scores", [1.0] * n))
+    probs_t = torch.zeros(n, C)
+    if n:
+        p = probs.reshape(n, -1)[:, :C]
+        probs_t[:, : p.shape[1]] = torch.as_tensor(p)
+    rles = out.get("masks") or []
+    has_masks = node.get("task") == "segment" and len(rles) == n
+    masks = torch.zeros(n, proto, proto, dtype=torch.uint8)
+    if has_masks and n:
+        full = torch.as_tensor(np.stack([rle.decode(r) for r in rles]), dtype=torch.float32)  # (N, H, W)
+        masks = (F.interpolate(full[:, None], size=(proto, proto), mode="area")[:, 0] * 255).round().to(torch.uint8)
+    areas = torch.zeros(n)  # mask area, fraction of the image (stored, or from the masks)
+    if has_masks and n:
+        stored = out.get("areas")
+        areas = (torch.as_tensor(np.asarray(stored, dtype=np.float32)) if stored is not None and len(stored) == n
+                 else full.flatten(1).mean(1))
+    if flip:
+        boxes = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
+        masks = masks.flip(-1)
+    return {"boxes": boxes.clamp(0, 1), "probs": probs_t.clamp(0, 1), "masks": masks, "areas": areas,
+            "has_masks": torch.tensor(has_masks)}
