@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from benchmarks.student import GOAL_SPEEDUP_B1
+from benchmarks.common import GOAL_SPEEDUP_B1, parser, prepared, test_inputs
 
 
 class _Clock:
@@ -187,8 +187,6 @@ def report(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.student import parser, prepared, test_inputs
-
     ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=16, help="distinct test requests to time on")
     ap.add_argument("--repeats", type=int, default=5, help="alternating passes of each side; medians are shown")

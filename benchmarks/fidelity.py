@@ -6,7 +6,7 @@ fresh world (a seed the demo never trained on) as an extra held-out set.
 
 from __future__ import annotations
 
-from benchmarks.student import get_student, parser, workdir_of
+from benchmarks.common import get_student, parser, workdir_of
 
 FRESH_SEED = 12345
 
