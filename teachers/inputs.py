@@ -246,12 +246,6 @@ def check_image(data: bytes, cfg: InputsConfig, label: str) -> None:
 
 
 # -- everything ------------------------------------------------------------------------------------
-def load_inputs(inputs: str | Path, cfg: InputsConfig) -> tuple[list[Request], list[Quarantined]]:
-    """Discover and check every input: (good requests, quarantined), each input id once, in order."""
-    scan = scan_inputs(inputs, cfg)
-    return scan.requests, scan.quarantined
-
-
 @dataclass
 class InputScan:
     requests: list[Request]
@@ -260,9 +254,10 @@ class InputScan:
 
 
 def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = ()) -> InputScan:
-    """``load_inputs``, except that an input whose id is in ``skip`` (already recorded) is only
-    counted: its bytes are read and hashed (the id), not decoded and checked again, so a rerun
-    over recorded inputs costs a read per file."""
+    """Discover and check every input: the good requests and the quarantined ones, each input
+    id once, in order. An input whose id is in ``skip`` (already recorded) is only counted: its
+    bytes are read and hashed (the id), not decoded and checked again, so a rerun over recorded
+    inputs costs a read per file."""
     scan, seen = InputScan([], [], 0), set()
     for found in discover(inputs, cfg):
         item = found

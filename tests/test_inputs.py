@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distillery.teachers.inputs import InputsConfig
-from distillery.teachers.inputs import REASONS, check_input, load_inputs
+from distillery.teachers.inputs import REASONS, InputsConfig, check_input, scan_inputs
 from distillery.teachers.records import Quarantined, Request, make_input_id
+
+
+def load_inputs(inputs, cfg):
+    scan = scan_inputs(inputs, cfg)
+    return scan.requests, scan.quarantined
 
 
 def _png(w: int, h: int, seed: int = 0) -> bytes:

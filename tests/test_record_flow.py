@@ -110,10 +110,10 @@ def test_node_failure_quarantines_only_that_input(tiny_demo, tmp_path, monkeypat
 
     spec = load_spec(tiny_demo["spec_path"])
     inputs = _inputs(tiny_demo, tmp_path, n=6)
-    from distillery.teachers.inputs import load_inputs
+    from distillery.teachers.inputs import scan_inputs
 
     graph = TeacherGraph(spec.teachers)
-    victim = {"id": load_inputs(inputs, spec.inputs)[0][1].input_id}
+    victim = {"id": scan_inputs(inputs, spec.inputs).requests[1].input_id}
     real_run = graph.nodes["retriever"].run
 
     def flaky(batch):

@@ -43,19 +43,3 @@ def flat_metrics(report: Mapping[str, Mapping[str, float]], prefix: str = "fidel
     """``{"fidelity.reasoner.answer_em": .., "fidelity.retriever.recall_at_4": ..}`` for MLflow
     (finite numbers only, names made valid by ``metric_key``)."""
     return mlflow_metrics({f"{prefix}.{node}.{k}": v for node, m in report.items() for k, v in m.items()})
-
-
-def fidelity_rows(report: Mapping[str, Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]] | None = None,
-                  ) -> list[dict[str, Any]]:
-    """Table rows (node, metric, value[, baseline, change]) for Prefect and the CLI."""
-    rows = []
-    for node, metrics in report.items():
-        for key, value in metrics.items():
-            if key == "n":
-                continue
-            row = {"node": node, "metric": key, "value": round(float(value), 4), "n": metrics.get("n")}
-            if baseline is not None and key in baseline.get(node, {}):
-                row["baseline"] = round(float(baseline[node][key]), 4)
-                row["change"] = round(float(value) - float(baseline[node][key]), 4)
-            rows.append(row)
-    return rows

@@ -77,11 +77,6 @@ def read_meta(model_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def is_current(model_dir: str | Path) -> bool:
-    """The student folder holds graphs exported from its present weights and config."""
-    return read_meta(model_dir) is not None
-
-
 def has_int8(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
     """``meta`` (``read_meta``'s) names int8 vision and text graphs and the files are there."""
     return bool(meta and "int8" in meta and all((Path(model_dir) / ONNX_DIR / meta["int8"][k]["file"]).is_file()
