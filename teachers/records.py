@@ -12,11 +12,12 @@ A ``TeacherRecord`` is what the trace store keeps for one (input, graph fingerpr
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from distillery.images import open_image
 
 Status = Literal["ok", "quarantined"]
 
@@ -39,8 +40,7 @@ class Request:
     question: str
 
     def image(self) -> Image.Image:
-        img = Image.open(io.BytesIO(self.image_bytes))
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return open_image(self.image_bytes, self.image_path)
 
     def context(self) -> dict[str, Any]:
         """What templates may cite as ``{request.<field>}``."""
