@@ -50,29 +50,14 @@ def record(
     runtime.configure()
     s = _load_spec(spec)
     uri = traces or str(spec.resolve().parent / "traces.lance")
-    summary = run_record_flow(s, inputs, uri, show_progress=not as_json)
+    from distillery.flows.record import run_record
+
+    summary = run_record(s, inputs, uri, show_progress=not as_json)
     if as_json:
         keys = ("written", "skipped", "quarantined", "by_reason", "traces", "version")
         print(json.dumps({k: summary[k] for k in keys}))
     else:
         print_record_summary(summary)
-
-
-def run_record_flow(spec, inputs: Path, traces: str, show_progress: bool = True) -> dict:
-    """Run the record flow in this process (Prefect's ephemeral server), with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from distillery.flows.record import add_progress_listener, record_flow
-
-    with Progress(TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not show_progress) as bar:
-        task_id = bar.add_task("record", total=None)
-        remove = add_progress_listener(lambda done, total: bar.update(task_id, completed=done, total=total))
-        try:
-            with runtime.local_prefect():
-                return record_flow(spec=spec, inputs=str(inputs), traces=traces)
-        finally:
-            remove()  # a later run in this process draws its own bar
 
 
 def print_record_summary(summary: dict) -> None:
@@ -196,30 +181,43 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
 def evaluate(
     model_uri: str = typer.Argument(..., help="A student folder, or an MLflow model URI: models:/NAME@ALIAS, "
                                     "models:/NAME/VERSION, runs:/RUN_ID/student."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Held-out inputs folder with its labels "
+                                          "(answer/type/documents on requests.jsonl lines, a COCO "
+                                          "annotations.json); without it, a split of the demo world."),
+    traces: Optional[str] = typer.Option(None, "--traces", help="With --inputs: the trace store of those "
+                                         "inputs, URI[@VERSION]."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="With --inputs: the teacher graph's spec (default: "
+                                        "the spec.yaml saved with the student); inputs missing from --traces "
+                                        "are then recorded first."),
     split: str = typer.Option("test", "--split", help="Demo world split to evaluate on: train, val or test."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Demo workdir with (or to receive) the world, "
                                            "teachers and traces (default: the demo's)."),
     preset: str = typer.Option("full", "--preset", help="Demo world: full or tiny."),
     seed: Optional[int] = typer.Option(None, "--seed", help="A fresh world drawn with this seed (held out)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store a models:/ or runs:/ "
-                                               "URI is read from (default: the demo's: $MLFLOW_TRACKING_URI, "
-                                               "else WORKDIR/runs/mlflow.db)."),
+                                               "URI is read from (default: $MLFLOW_TRACKING_URI, else "
+                                               "WORKDIR/runs/mlflow.db)."),
     log: bool = typer.Option(False, "--log", help="Also log the report to MLflow (metrics, bar chart, JSON)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object instead of a table."),
 ) -> None:
-    """Evaluate a student on the demo world: student vs teacher, vs truth, teacher vs truth, retained."""
-    if split not in EVAL_SPLITS:
+    """Evaluate a student on held-out inputs (or the demo world): student vs teacher, vs truth, teacher vs truth, retained."""
+    if inputs is None and split not in EVAL_SPLITS:
         _fail(f"--split {split!r}: choose one of {', '.join(EVAL_SPLITS)}")
-    if preset not in ("full", "tiny"):
+    if inputs is None and preset not in ("full", "tiny"):
         _fail(f"--preset {preset!r}: choose full or tiny")
+    if inputs is not None and not traces:
+        _fail(f"--inputs {inputs}: give --traces, the trace store of those inputs (record it with distillery "
+              f"record SPEC --inputs {inputs} --traces URI, or give --spec and eval records it)")
     runtime.configure()
     from mlflow.exceptions import MlflowException
 
     from distillery.demo.pipeline import default_workdir
     from distillery.demo.teachers import AssetError
-    from distillery.students.evaluation.fidelity import run_eval
+    from distillery.flows.spec import SpecError
 
-    wd = (workdir or default_workdir()).expanduser().resolve()
+    # the store a registry URI is pulled from: the demo's, else the one `distillery distill SPEC` uses
+    wd = workdir or (default_workdir() if inputs is None else spec.parent if spec else Path.cwd())
+    wd = wd.expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="distillery-eval-") as tmp:
         try:
             folder, pulled = resolve_student(model_uri, Path(tmp), tracking_uri, wd)
@@ -233,8 +231,13 @@ def evaluate(
         quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
         try:
             with quiet:
-                report = run_eval(str(folder), split, workdir=wd, preset=preset, seed=seed, log=log)
-        except (ValueError, FileNotFoundError, LookupError, AssetError) as e:
+                if inputs is None:
+                    from distillery.demo.fidelity import run_eval
+
+                    report = run_eval(str(folder), split, workdir=wd, preset=preset, seed=seed, log=log)
+                else:
+                    report = eval_inputs(folder, inputs, str(traces), spec, log)
+        except (ValueError, FileNotFoundError, LookupError, AssetError, SpecError) as e:
             _fail(f"distillery eval {model_uri}: {e}")
     report["model"] = model_uri
     report["student_dir"] = None if pulled is not None else str(folder)
@@ -242,6 +245,37 @@ def evaluate(
         report["registry"] = {k: pulled.get(k) for k in ("name", "version", "aliases", "model_uri", "tracking_uri")}
     if as_json:
         print(json.dumps(report, default=str))
+
+
+def saved_spec(folder: Path) -> Path | None:
+    """The spec saved with a student: ``spec.yaml`` in its folder (the train flow writes it), or
+    beside it in a pulled folder (``registry.pull`` fetches its run's)."""
+    if (folder / "spec.yaml").is_file():
+        return folder / "spec.yaml"
+    pulled = (folder.parent / "registry.json").is_file()
+    return folder.parent / "spec.yaml" if pulled and (folder.parent / "spec.yaml").is_file() else None
+
+
+def eval_inputs(folder: Path, inputs: Path, traces: str, spec_path: Path | None, log: bool) -> dict:
+    """``distillery eval STUDENT --inputs DIR --traces URI``: the generic evaluation (the spec
+    given, else the student's saved one, else its lineage's teacher graph), a table, MLflow."""
+    from pydantic import ValidationError
+
+    from distillery.flows.spec import load_spec
+    from distillery.registry.tracking import log_evaluation
+    from distillery.students.evaluation.fidelity import evaluate_inputs, print_table
+
+    spec_path = spec_path or saved_spec(folder)
+    try:
+        spec = load_spec(spec_path) if spec_path else None
+    except ValidationError as e:
+        raise ValueError(f"invalid spec {spec_path}: {e}") from None
+    report = evaluate_inputs(folder, inputs, traces, spec)
+    report["spec"] = str(spec_path) if spec_path else None
+    print_table(report, title=f"{folder} on {inputs}")
+    if log:
+        report["mlflow_run_id"] = log_evaluation(report)
+    return report
 
 
 @app.command()
@@ -347,7 +381,8 @@ def serve(
     deps = build_deployments(s, str(inputs.resolve()), traces or str(base / "traces.lance"),
                              str((workdir or base / "runs").resolve()), cron,
                              str(eval_inputs.resolve()) if eval_inputs else None)
-    prefect_serve(*deps)
+    with runtime.local_prefect():  # PREFECT_API_URL's server, else a local one that dies with this process
+        prefect_serve(*deps)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -99,16 +99,25 @@ def resolve_device(choice=None, index: int = 0):
 
 @contextmanager
 def local_prefect():
-    """Flows run in this process on Prefect's embedded server (no ``PREFECT_API_URL``) send no
-    heartbeats: no worker watches them there, and each flow would wait ~1 s for the heartbeat
-    thread at its end (a rerun that records nothing would take 1.1 s instead of 0.15 s)."""
-    if os.environ.get("PREFECT_API_URL"):
+    """Flows run inside on a Prefect API: the configured one (``PREFECT_API_URL``), else a local
+    server that this process starts and that dies with it, even by ``kill -9``
+    (``distillery.prefect_server``; Prefect's own temporary server outlived a killed process).
+    On the local server flows send no heartbeats: no worker watches them there, and each flow
+    would wait ~1 s for the heartbeat thread at its end (a rerun that records nothing would take
+    1.1 s instead of 0.15 s)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
         yield
         return
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from distillery import prefect_server
 
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+    server = prefect_server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+    finally:
+        server.stop()
 
 
 def _prepare_ultralytics(yolo_dir: Path) -> None:

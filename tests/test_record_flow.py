@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distillery.flows.spec import load_spec
@@ -150,10 +151,14 @@ def test_sigkill_mid_run_then_rerun_records_each_input_once(tiny_demo, tmp_path)
         if traces.exists() and (TraceStore(traces).count() or 0) >= 4:
             break
         time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)  # its Prefect API server among them
+    assert any("prefect.server.api.server" in " ".join(c.cmdline()) for c in children)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = TraceStore(traces).count() if traces.exists() else 0
     assert partial < 16, "the run finished before it could be killed; use more inputs"
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == [], f"processes of the killed run still alive: {[c.cmdline() for c in alive]}"
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
