@@ -3,13 +3,18 @@
 An inputs folder holds either
 
 * ``requests.jsonl`` — one ``{"image": "path", "question": "..."}`` per line, image paths relative
-  to the folder (absolute paths are fine too); or
+  to the folder (absolute paths are fine too, inside the folder); or
 * only images (png, jpg, jpeg, bmp, webp, sorted by name), each asked ``inputs.default_question``.
 
 ``inputs`` may also name a ``.jsonl`` file directly (paths then resolve against its folder).
 
-Every bad input becomes a ``Quarantined`` with one of ``REASONS`` and a sentence naming the input
-(file and line) and what is wrong; good ones become a ``Request`` holding the raw image bytes.
+An image must lie inside the inputs folder (after following symlinks: a link inside the folder
+to a file inside it is fine); one outside it (``..``, an absolute path elsewhere, a link that
+points out) is refused as ``outside_inputs`` before it is opened. A question may hold tab, newline
+and carriage return but no other control character (Unicode category Cc: NUL, ESC, DEL, ...):
+those are refused as ``question_control_chars``, not cleaned, so what the teachers saw is what the
+request said. Every bad input becomes a ``Quarantined`` with one of ``REASONS`` and a sentence
+naming the input (file and line) and what is wrong; good ones become a ``Request`` holding the raw image bytes.
 Ids are content addresses (``make_input_id``), so reruns give the same ids and duplicates
 collapse to one.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import unicodedata
 import warnings
 from collections.abc import Collection
 from contextlib import contextmanager
@@ -50,8 +56,10 @@ def pil_open(fp, formats):
     opener = getattr(patches, "_image_open", Image.open)
     return opener(fp, formats=formats)
 
-REASONS = ("missing_file", "empty_file", "not_an_image", "truncated_image", "too_many_pixels",
-           "empty_question", "question_too_long", "question_not_utf8", "bad_request_line")
+REASONS = ("missing_file", "empty_file", "not_an_image", "truncated_image", "too_many_pixels", "outside_inputs",
+           "empty_question", "question_too_long", "question_not_utf8", "question_control_chars",
+           "bad_request_line")
+ALLOWED_CONTROLS = frozenset("\t\n\r")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # what PIL may decode: no plugin that shells out (EPS)
 REQUESTS_FILE = "requests.jsonl"
@@ -64,6 +72,7 @@ class Candidate:
     image_path: Path
     question: str | bytes
     where: str  # how to name it in a message: "requests.jsonl line 3" or the image file
+    root: Path | None = None  # the inputs folder the image must lie in
 
 
 class _Refused(Exception):
@@ -91,7 +100,7 @@ def discover(inputs: str | Path, cfg: InputsConfig) -> list[Candidate | Quaranti
     if not images:
         raise ValueError(f"inputs folder {str(path)!r} has no {REQUESTS_FILE} and no images "
                          f"({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
-    return [Candidate(p, cfg.default_question, p.name) for p in images]
+    return [Candidate(p, cfg.default_question, p.name, path) for p in images]
 
 
 def read_requests(jsonl: Path) -> list[Candidate | Quarantined]:
@@ -135,8 +144,8 @@ def parse_request_line(raw: bytes, base: Path, where: str) -> Candidate:
     if not _utf8_ok(image):
         raise _Refused("bad_request_line", f"{where}: the image path is not valid UTF-8")
     if not _utf8_ok(question):
-        return Candidate(base / image, _raw_bytes(question), where)
-    return Candidate(base / image, question, where)
+        return Candidate(base / image, _raw_bytes(question), where, base)
+    return Candidate(base / image, question, where, base)
 
 
 def _raw_bytes(text: str) -> bytes:
@@ -158,8 +167,9 @@ def _utf8_ok(text: str) -> bool:
 
 # -- checking --------------------------------------------------------------------------------------
 def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
-                where: str = "") -> Request | Quarantined:
-    """Check one input: the file, the question, then the image (header first, then a full decode).
+                where: str = "", root: Path | None = None) -> Request | Quarantined:
+    """Check one input: where the file is (inside ``root``, when given), the file, the question,
+    then the image (header first, then a full decode).
 
     ``where`` names the input in messages (e.g. "requests.jsonl line 3"); the image path is added.
     Returns a Request with the raw image bytes, or a Quarantined naming the input and the reason."""
@@ -169,6 +179,8 @@ def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
     text = question if isinstance(question, str) else question.decode("utf-8", errors="replace")
     data: bytes | None = None
     try:
+        if root is not None:
+            check_inside(image_path, root, label)
         data = read_image_file(image_path, label)
         text = check_question(question, cfg, label)
         check_image(data, cfg, label)
@@ -176,6 +188,17 @@ def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
         key = data or os.fsencode(image_path)  # empty or unreadable file: the path names it
         return Quarantined(make_input_id(key, text), shown, text, e.reason, str(e))
     return Request(make_input_id(data, text), shown, data, text)
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in the folder ``root``, symlinks followed (neither is opened)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def check_inside(path: Path, root: Path, label: str) -> None:
+    if not inside(path, root):
+        raise _Refused("outside_inputs", f"{label}: the image lies outside the inputs folder {root} "
+                       f"(it resolves to {os.path.realpath(path)}); images must be inside it")
 
 
 def read_image_file(path: Path, label: str) -> bytes:
@@ -200,6 +223,12 @@ def check_question(question: str | bytes, cfg: InputsConfig, label: str) -> str:
                            f"(byte {question[e.start]:#04x} at position {e.start})") from None
     if not question.strip():
         raise _Refused("empty_question", f"{label}: the question is empty")
+    bad = next((i for i, c in enumerate(question) if c not in ALLOWED_CONTROLS and unicodedata.category(c) == "Cc"),
+               None)
+    if bad is not None:
+        raise _Refused("question_control_chars", f"{label}: the question holds the control character "
+                       f"U+{ord(question[bad]):04X} at position {bad} (only tab, newline and carriage return "
+                       "are allowed)")
     if len(question) > cfg.max_question_chars:
         raise _Refused("question_too_long", f"{label}: the question has {len(question)} characters, "
                        f"more than inputs.max_question_chars = {cfg.max_question_chars}")
@@ -267,7 +296,7 @@ def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = (
                 scan.skipped += known not in seen
                 seen.add(known)
                 continue
-            item = check_input(found.image_path, found.question, cfg, found.where)
+            item = check_input(found.image_path, found.question, cfg, found.where, found.root)
         if item.input_id in seen:
             continue
         seen.add(item.input_id)
@@ -279,6 +308,8 @@ def _known_id(found: Candidate, skip: Collection[str]) -> str | None:
     """The candidate's input id when it is in ``skip`` (a readable file, a text question)."""
     if not skip or not isinstance(found.question, str):
         return None
+    if found.root is not None and not inside(found.image_path, found.root):
+        return None  # never read: check_input refuses it
     try:
         data = Path(found.image_path).read_bytes()
     except OSError:

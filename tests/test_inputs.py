@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -192,3 +193,55 @@ def test_recorded_inputs_are_counted_not_checked_again(folder, monkeypatch):
     assert [r.input_id for r in scan.requests] == [r.input_id for r in requests[4:]]
     assert [q.input_id for q in scan.quarantined] == [q.input_id for q in bad]
     assert not {(f"good{i}.png", "What is here?") for i in range(4)} & set(checked)
+
+
+def test_images_outside_the_inputs_folder_are_refused_before_they_are_opened(tmp_path, monkeypatch):
+    """``..``, an absolute path elsewhere and a symlink that points out are ``outside_inputs``;
+    a symlink inside the folder to a file inside it is an ordinary input. The outside files are
+    valid images (so only the place refuses them), and none of them is ever read."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png(8, 8, seed=1))
+    root = tmp_path / "inputs"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(_png(8, 8, seed=2))
+    (root / "images" / "link-in.png").symlink_to(root / "images" / "a.png")
+    (root / "images" / "link-out.png").symlink_to(outside / "secret.png")
+    lines = [{"image": "../elsewhere/secret.png", "question": "q1"},
+             {"image": str(outside / "secret.png"), "question": "q2"},
+             {"image": "images/link-out.png", "question": "q3"},
+             {"image": "images/link-in.png", "question": "q4"},
+             {"image": str(root / "images" / "a.png"), "question": "q5"}]
+    (root / "requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    real_read = Path.read_bytes
+
+    def guarded(self):
+        assert os.path.realpath(self).startswith(os.path.realpath(root)), f"read outside the folder: {self}"
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+    requests, bad = load_inputs(root, CFG)
+    assert sorted(r.question for r in requests) == ["q4", "q5"]
+    assert {q.question: q.reason for q in bad} == {"q1": "outside_inputs", "q2": "outside_inputs",
+                                                  "q3": "outside_inputs"}
+    assert all("requests.jsonl line" in q.detail and "outside the inputs folder" in q.detail for q in bad)
+    # the same rule for a folder of images with no requests file, and for a rerun's quick skip
+    (root / "requests.jsonl").unlink()
+    requests, bad = load_inputs(root / "images", InputsConfig(default_question="q"))
+    assert [q.reason for q in bad] == ["outside_inputs"] and len(requests) == 1  # a.png and its link: one input
+    scan = scan_inputs(root / "images", InputsConfig(default_question="q"), skip={r.input_id for r in requests})
+    assert scan.skipped == 1 and [q.reason for q in scan.quarantined] == ["outside_inputs"]
+
+
+@pytest.mark.parametrize("question, ok", [("How many?\tcount\nplease\r\n", True), ("How\x00 many?", False),
+                                          ("\x1b[31mred\x1b[0m", False), ("del\x7f", False),
+                                          ("c1 \x85 control", False), ("café, naïve, 数", True)])
+def test_control_characters_in_a_question_are_refused_not_cleaned(tmp_path, question, ok):
+    (tmp_path / "a.png").write_bytes(_png(8, 8))
+    (tmp_path / "requests.jsonl").write_text(json.dumps({"image": "a.png", "question": question}) + "\n")
+    requests, bad = load_inputs(tmp_path, CFG)
+    if ok:
+        assert [r.question for r in requests] == [question] and not bad
+    else:
+        assert not requests and [q.reason for q in bad] == ["question_control_chars"]
+        assert "control character U+" in bad[0].detail and "requests.jsonl line 1" in bad[0].detail
