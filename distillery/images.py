@@ -24,6 +24,8 @@ def open_image(data: bytes, where: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         ImageOps.exif_transpose(img, in_place=True)  # (not in place: a copy of every image)
+        if img.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits (PIL's convert would clip at 255)
+            img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
         return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:  # PIL raises many kinds
         raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
