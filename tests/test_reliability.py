@@ -13,23 +13,16 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.corpus import MAX_PIXELS, MAX_QUESTION_CHARS, make_corpus, outcomes
+from benchmarks.reliability import counted_kills
 from distillery.teachers.base import NODE_TYPES, NodeConfig, TeacherNode, register_node
 from distillery.teachers.inputs import REASONS, InputsConfig, _Refused, check_question, parse_request_line, scan_inputs
 from distillery.teachers.record import RecordConfig, record
@@ -110,71 +103,13 @@ def test_any_question_passes_unchanged_or_is_refused_with_a_typed_reason(questio
     assert all(c in "\t\n\r" or not (ord(c) < 32 or 0x7F <= ord(c) < 0xA0) for c in out)
 
 
-CHILD = textwrap.dedent("""
-    import os, sys, time
-    from types import SimpleNamespace
-    from typing import Literal
-    from distillery.teachers.base import NodeConfig, TeacherNode, register_node
-    from distillery.teachers.inputs import InputsConfig
-    from distillery.teachers.record import RecordConfig, record
-
-    class CountConfig(NodeConfig):
-        type: Literal["count"] = "count"
-
-    @register_node("count")
-    class CountNode(TeacherNode):
-        config_cls = CountConfig
-        def load(self):
-            self.fd = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        def run(self, batch):
-            os.write(self.fd, b"x" * len(batch))  # one byte per teacher call, unbuffered
-            time.sleep(0.15)
-            return [{"n": 1} for _ in batch]
-
-    spec = SimpleNamespace(teachers={"count": CountConfig(batch_size=4)}, record=RecordConfig(shard_size=4),
-                           inputs=InputsConfig(default_question="how many?"))
-    record(spec, sys.argv[1], sys.argv[2])
-""")
-
-
 def test_killed_ten_times_at_random_moments_then_rerun_every_input_is_recorded_once(tmp_path):
-    from PIL import Image
-
-    inputs, traces, calls = tmp_path / "inputs", tmp_path / "traces.lance", tmp_path / "calls"
-    inputs.mkdir()
-    n, shard = 100, 4
-    for i in range(n):
-        Image.new("RGB", (8, 8), (i, 255 - i, 3 * i % 255)).save(inputs / f"{i:03d}.png")
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    cmd = [sys.executable, str(script), str(inputs), str(traces), str(calls)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rng, kills = random.Random(3), 0
-    while kills < 10:
-        before = TraceStore(traces).count() if traces.exists() else 0
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:  # until this run has committed a shard
-            if traces.exists() and (TraceStore(traces).count() or 0) > before:
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read()[-2000:]
-            break  # it finished before it could be killed
-        time.sleep(rng.uniform(0.0, 0.15))
-        children = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        assert psutil.wait_procs(children, timeout=10)[1] == []
-    assert kills >= 8, f"only {kills} kills: the runs finished too fast to be killed"
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-2000:]
-
-    store = TraceStore(traces)
-    ids = [r.input_id for r in store.read(with_images=False)]
-    assert len(ids) == n and len(set(ids)) == n
-    for v in store.versions():  # every version opens and holds whole records only
-        assert store.count(v["version"]) == len({r.input_id for r in store.read(v["version"], with_images=False)})
-    teacher_calls = calls.stat().st_size
-    assert n <= teacher_calls <= n + kills * shard, (teacher_calls, kills)
+    """The plain record loop in a child process, whose one teacher counts its calls, killed at
+    random moments after a shard committed (``benchmarks.reliability.kill_and_resume``)."""
+    n = 100
+    out = counted_kills(tmp_path, n, kills=10, seed=3)
+    assert out["kills"] >= 8, f"only {out['kills']} kills: the runs finished too fast to be killed"
+    assert out["processes_left"] == 0
+    assert out["records"] == out["distinct_records"] == n  # every input once
+    assert out["versions_readable"] == out["versions"] >= out["kills"] + 1
+    assert 0 <= out["extra_calls"] <= out["extra_calls_bound"], out  # at most one shard lost per kill

@@ -1,0 +1,191 @@
+"""Reliability at volume: a feed of bad inputs, and record runs killed with SIGKILL and rerun.
+
+    python -m benchmarks.reliability [--workdir DIR] [--kills 10]
+
+1. **Bad inputs:** a generated corpus (``benchmarks/corpus.py``: 220 bad inputs of every kind a
+   feed produces, 41 good ones) recorded by the real record flow through the tiny example graph
+   (YOLO, MiniLM + FAISS, the reasoning LLM): crashes, bad inputs quarantined with their expected
+   reason, good ones recorded.
+2. **Kill and resume:** ``distillery record`` on the example's inputs (shards of 4), killed with
+   SIGKILL at random moments after a shard committed, ``--kills`` times, then rerun: inputs
+   recorded exactly once, versions readable, processes left. The same with a teacher that counts
+   its calls (the plain record loop in a child process): teacher calls beyond a clean run's,
+   against the bound of one shard per kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+# A record run in a child process whose one teacher counts its calls (a byte per input, unbuffered).
+COUNTING_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from types import SimpleNamespace
+    from typing import Literal
+    from distillery.teachers.base import NodeConfig, TeacherNode, register_node
+    from distillery.teachers.inputs import InputsConfig
+    from distillery.teachers.record import RecordConfig, record
+
+    class CountConfig(NodeConfig):
+        type: Literal["count"] = "count"
+
+    @register_node("count")
+    class CountNode(TeacherNode):
+        config_cls = CountConfig
+        def load(self):
+            self.fd = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        def run(self, batch):
+            os.write(self.fd, b"x" * len(batch))
+            time.sleep(float(sys.argv[4]))
+            return [{"n": 1} for _ in batch]
+
+    spec = SimpleNamespace(teachers={"count": CountConfig(batch_size=4)}, record=RecordConfig(shard_size=4),
+                           inputs=InputsConfig(default_question="how many?"))
+    record(spec, sys.argv[1], sys.argv[2])
+""")
+
+
+def kill_and_resume(cmd: list[str], traces: Path, kills: int, seed: int = 0, env: dict | None = None,
+                    max_delay_s: float = 0.15, timeout_s: float = 240) -> dict:
+    """Start ``cmd`` (a record run into ``traces``), SIGKILL it at a random moment after it has
+    committed a shard, ``kills`` times (fewer when a run finishes first), then run it to the end.
+    Returns the kills made, the processes of killed runs left alive, and the store's state."""
+    from distillery.teachers.store import TraceStore
+
+    rng, made, alive = random.Random(seed), 0, 0
+    while made < kills:
+        before = TraceStore(traces).count() if traces.exists() else 0
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + timeout_s
+        while proc.poll() is None and time.time() < deadline:  # until this run commits a shard
+            if traces.exists() and (TraceStore(traces).count() or 0) > before:
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+            break  # it finished before it could be killed
+        time.sleep(rng.uniform(0.0, max_delay_s))
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        made += 1
+        alive += len(psutil.wait_procs(children, timeout=15)[1])
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s * 2)
+    if final.returncode != 0:
+        raise RuntimeError(f"the rerun failed: {final.stderr[-2000:]}")
+    store = TraceStore(traces)
+    ids = [r.input_id for r in store.read(with_images=False)]
+    versions = store.versions()
+    readable = sum(store.count(v["version"]) == len({r.input_id for r in store.read(v["version"], with_images=False)})
+                   for v in versions)
+    return {"kills": made, "processes_left": alive, "records": len(ids), "distinct_records": len(set(ids)),
+            "versions": len(versions), "versions_readable": readable}
+
+
+def counted_kills(workdir: Path, n: int, kills: int, seed: int = 0) -> dict:
+    """``kill_and_resume`` of the counting child over ``n`` images; adds the teacher calls."""
+    from PIL import Image
+
+    inputs, traces, calls = workdir / "count-inputs", workdir / "count-traces.lance", workdir / "count-calls"
+    inputs.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i % 256, 255 - i % 256, 3 * i % 255)).save(inputs / f"{i:04d}.png")
+    script = workdir / "count-child.py"
+    script.write_text(COUNTING_CHILD)
+    cmd = [sys.executable, str(script), str(inputs), str(traces), str(calls), "0.15"]
+    out = kill_and_resume(cmd, traces, kills, seed, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out["teacher_calls"] = calls.stat().st_size
+    out["extra_calls"] = out["teacher_calls"] - n
+    out["extra_calls_bound"] = out["kills"] * 4  # one shard of 4 per kill
+    return out
+
+
+def corpus_figures(example: dict, workdir: Path) -> dict:
+    """The bad-input corpus through the real record flow and the tiny example graph."""
+    from benchmarks.corpus import MAX_PIXELS, MAX_QUESTION_CHARS, make_corpus
+    from distillery.flows.record import run_record
+    from distillery.flows.spec import load_spec
+    from distillery.teachers.store import TraceStore
+
+    corpus = make_corpus(workdir / "corpus", seed=0)
+    spec = load_spec(example["spec"])
+    spec = spec.model_copy(update={"inputs": spec.inputs.model_copy(update={
+        "max_pixels": MAX_PIXELS, "max_question_chars": MAX_QUESTION_CHARS})})
+    t0 = time.perf_counter()
+    try:
+        summary = run_record(spec, corpus.root, str(workdir / "corpus.lance"), show_progress=False)
+        crashes = 0
+    except Exception as e:  # noqa: BLE001 -- the figure is whether anything escapes
+        print(f"record crashed: {type(e).__name__}: {e}", flush=True)
+        return {"crashes": 1}
+    stored = TraceStore(workdir / "corpus.lance").read(with_images=False)
+    by_line = {int(r.detail.split(" line ", 1)[1].split(None, 1)[0].rstrip(":")): r.reason
+               for r in stored if r.status == "quarantined" and r.detail and " line " in r.detail}
+    bad = {line: want for line, want in corpus.expected.items() if want not in ("ok", "duplicate")}
+    return {"crashes": crashes, "bad_inputs": len(bad), "good_inputs": corpus.count("ok"),
+            "bad_quarantined_as_expected": sum(by_line.get(line) == want for line, want in bad.items()),
+            "good_recorded": summary["written"], "quarantined": summary["quarantined"],
+            "by_reason": dict(Counter(bad.values())), "record_s": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None, help="default: DATA_DIR/bench-reliability")
+    ap.add_argument("--kills", type=int, default=10)
+    args = ap.parse_args(argv)
+    from distillery import runtime
+
+    runtime.configure()
+    workdir = (args.workdir or runtime.data_dir() / "bench-reliability").resolve()
+    for sub in ("corpus", "corpus-outside", "corpus.lance", "count-inputs", "count-traces.lance", "count-calls",
+                "kill-traces.lance"):
+        path = workdir / sub
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    from distillery.demo.example import build_example
+
+    example = build_example(workdir / "example")
+    out: dict = {"corpus": corpus_figures(example, workdir)}
+    spec_text = Path(example["spec"]).read_text().replace("shard_size: 128", "shard_size: 4")
+    (workdir / "kill-spec.yaml").write_text(spec_text)
+    cmd = [sys.executable, "-m", "distillery.cli", "record", str(workdir / "kill-spec.yaml"), "--inputs",
+           example["inputs"], "--traces", str(workdir / "kill-traces.lance"), "--json"]
+    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    out["kill_cli"] = kill_and_resume(cmd, workdir / "kill-traces.lance", args.kills, seed=1, env=env,
+                                      max_delay_s=1.0)
+    out["kill_counted"] = counted_kills(workdir, 120, args.kills, seed=2)
+    c, k, q = out["corpus"], out["kill_cli"], out["kill_counted"]
+    out |= {"corpus_bad_inputs": c.get("bad_inputs"), "corpus_crashes": c.get("crashes"),
+            "corpus_bad_quarantined_as_expected": c.get("bad_quarantined_as_expected"),
+            "corpus_good_recorded": c.get("good_recorded"), "cli_kills": k["kills"],
+            "cli_processes_left": k["processes_left"],
+            "cli_records_exactly_once": k["records"] == k["distinct_records"],
+            "cli_versions_readable": f"{k['versions_readable']}/{k['versions']}",
+            "counted_kills": q["kills"], "counted_extra_teacher_calls": q["extra_calls"],
+            "counted_extra_calls_bound": q["extra_calls_bound"]}
+    print(json.dumps(out, indent=2, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()
