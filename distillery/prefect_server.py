@@ -59,6 +59,16 @@ class LocalServer(SubprocessASGIServer):
         return subprocess.Popen(command, env=env, preexec_fn=arm)
 
 
+def drain(timeout_s: float = 5.0) -> None:
+    """Send the logs and events Prefect still holds to the server (as Prefect's test harness
+    does before it stops its server)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
 def start() -> LocalServer:
     """A running local server on a free port of 127.0.0.1 (stop it with ``.stop()``)."""
     server = LocalServer(free_port())

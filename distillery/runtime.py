@@ -115,7 +115,10 @@ def local_prefect():
     server = prefect_server.start()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            yield
+            try:
+                yield
+            finally:
+                prefect_server.drain()  # logs and events still queued reach the server before it stops
     finally:
         server.stop()
 
