@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -68,7 +69,8 @@ def kill_and_resume(cmd: list[str], traces: Path, kills: int, seed: int = 0, env
     rng, made, alive = random.Random(seed), 0, 0
     while made < kills:
         before = TraceStore(traces).count() if traces.exists() else 0
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = tempfile.TemporaryFile()  # (a pipe nobody reads would stall a chatty run)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.time() + timeout_s
         while proc.poll() is None and time.time() < deadline:  # until this run commits a shard
             if traces.exists() and (TraceStore(traces).count() or 0) > before:
@@ -76,7 +78,8 @@ def kill_and_resume(cmd: list[str], traces: Path, kills: int, seed: int = 0, env
             time.sleep(0.02)
         if proc.poll() is not None:
             if proc.returncode != 0:
-                raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
             break  # it finished before it could be killed
         time.sleep(rng.uniform(0.0, max_delay_s))
         children = psutil.Process(proc.pid).children(recursive=True)
