@@ -38,13 +38,23 @@ GOALS = [
     ("fidelity", "detection_map50_vs_teacher", ">= 0.85", lambda v: v >= 0.85),
     ("demo", "cold_s", "<= 900 s", lambda v: v <= 900),
     ("demo", "warm_s", "<= 180 s", lambda v: v <= 180),
+    ("reliability", "corpus_bad_inputs", ">= 200 (every kind a feed produces)", lambda v: v >= 200),
+    ("reliability", "corpus_crashes", "0", lambda v: v == 0),
+    ("reliability", "corpus_bad_misclassified", "0 (each quarantined by its own reason)", lambda v: v == 0),
+    ("reliability", "corpus_good_recorded", "(every good input)", None),
+    ("reliability", "cli_kills", ">= 10 (SIGKILL of distillery record)", lambda v: v >= 10),
+    ("reliability", "cli_processes_left", "0", lambda v: v == 0),
+    ("reliability", "cli_records_exactly_once", "true", lambda v: v is True),
+    ("reliability", "cli_versions_readable", "(every version)", None),
+    ("reliability", "counted_extra_teacher_calls", "<= one shard per kill", None),
+    ("reliability", "counted_extra_calls_within_bound", "true", lambda v: v is True),
 ]
 # Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
 # (student vs truth / teacher vs truth), on the test split and on a fresh world seed.
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
-MODULES = ["demo", "record", "student", "fidelity"]
+MODULES = ["demo", "record", "student", "fidelity", "reliability"]
 SHARES_WORKDIR = {"demo", "student", "fidelity"}
 HERE = Path(__file__).parent
 

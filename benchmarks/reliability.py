@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=None, help="default: DATA_DIR/bench-reliability")
     ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--preset", default="tiny", help="(always the tiny example graph: the figures are about faults)")
     args = ap.parse_args(argv)
     from distillery import runtime
 
@@ -180,12 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     c, k, q = out["corpus"], out["kill_cli"], out["kill_counted"]
     out |= {"corpus_bad_inputs": c.get("bad_inputs"), "corpus_crashes": c.get("crashes"),
             "corpus_bad_quarantined_as_expected": c.get("bad_quarantined_as_expected"),
+            "corpus_bad_misclassified": (c["bad_inputs"] - c["bad_quarantined_as_expected"]) if "bad_inputs" in c else None,
             "corpus_good_recorded": c.get("good_recorded"), "cli_kills": k["kills"],
             "cli_processes_left": k["processes_left"],
             "cli_records_exactly_once": k["records"] == k["distinct_records"],
             "cli_versions_readable": f"{k['versions_readable']}/{k['versions']}",
             "counted_kills": q["kills"], "counted_extra_teacher_calls": q["extra_calls"],
-            "counted_extra_calls_bound": q["extra_calls_bound"]}
+            "counted_extra_calls_bound": q["extra_calls_bound"],
+            "counted_extra_calls_within_bound": 0 <= q["extra_calls"] <= q["extra_calls_bound"]}
     print(json.dumps(out, indent=2, default=str))
     return out
 
