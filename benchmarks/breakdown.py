@@ -84,7 +84,7 @@ def _per_request(clock: _Clock, n: int) -> None:
 def student_pass(model_dir: str | Path, pairs: list[tuple[bytes, str]],
                  backend: str = "auto") -> tuple[Callable[[_Clock], float], dict[str, Any]]:
     """A loaded, warmed-up student (on the CPU) and one timed pass over ``pairs`` at batch 1 (ms a request)."""
-    from distillery.students.serving.predictor import student_dir
+    from distillery.students.serving.folder import student_dir
     from distillery.images import read_image
     from distillery.students.serving.predictor import StudentPredictor
 

@@ -30,7 +30,7 @@ def workdir_of(args) -> Path:
 
 def get_student(args, workdir: Path) -> Path:
     """--student, else the demo's pulled student, else train one on the demo's train traces."""
-    from distillery.students.evaluation.fidelity import demo_setup, record_split
+    from distillery.demo.fidelity import demo_setup, record_split
     from distillery.students.training.train import train
 
     if args.student is not None:
@@ -56,7 +56,7 @@ def prepared(args) -> tuple[Path, object, object]:
     from distillery import runtime
 
     runtime.configure()
-    from distillery.students.evaluation.fidelity import demo_setup
+    from distillery.demo.fidelity import demo_setup
 
     workdir = workdir_of(args)
     student = get_student(args, workdir)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     from distillery import runtime
 
     runtime.configure()
-    from distillery.students.evaluation.fidelity import run_eval
+    from distillery.demo.fidelity import run_eval
 
     workdir = workdir_of(args)
     student = get_student(args, workdir)

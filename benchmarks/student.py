@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
 def backend_agreement(student: Path, images: list[Path], questions: list[str], backend: str) -> dict:
     """How often the backend's outputs equal the torch student's (int8 quantization may change
     some): answers, detected labels (as multisets), the top retrieved document."""
-    from distillery.students.serving.predictor import StudentPredictor, student_dir
+    from distillery.students.serving.folder import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
 
     folder = student_dir(student)
     fast, ref = StudentPredictor.load(folder, backend=backend), StudentPredictor.load(folder, backend="torch")

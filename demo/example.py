@@ -9,8 +9,10 @@
     DIR/spec.yaml         the teacher graph over them (demo/pipeline.py ``write_spec``)
 
 and returns the commands that run on it: ``distillery record DIR/spec.yaml --inputs
-DIR/world/train --traces DIR/traces.lance`` first. DIR is laid out like a demo workdir, so
-``distillery eval STUDENT --workdir DIR --preset tiny`` reuses its world and teachers.
+DIR/world/train --traces DIR/traces.lance`` first. Its eval command is the generic one
+(``--inputs DIR/world/test``, whose requests.jsonl and COCO annotations.json are labelled the
+way a user's held-out set is). DIR is laid out like a demo workdir, so ``distillery eval
+STUDENT --workdir DIR --preset tiny`` reuses its world and teachers too.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 PRESET = "tiny"
-SPEC_NAME = f"shapes-{PRESET}"  # what demo_setup (distillery eval --workdir DIR) writes too
+SPEC_NAME = f"shapes-{PRESET}"  # what demo.fidelity.demo_setup (distillery eval --workdir DIR) writes too
 SPLIT = "train"  # the inputs the record command reads; eval measures on "test"
+EVAL_SPLIT = "test"
 
 
 def _cmd(*args: Any) -> str:
@@ -62,6 +65,7 @@ def build_example(directory: str | Path) -> dict[str, Any]:
             "record": record,
             "record_json": f"{record} --json",
             "train": _cmd("distillery", "train", spec, "--traces", traces, "--out", root / "student"),
-            "eval": _cmd("distillery", "eval", root / "student", "--workdir", root, "--preset", PRESET),
+            "eval": _cmd("distillery", "eval", root / "student", "--inputs", world.split_dir(EVAL_SPLIT),
+                         "--traces", root / f"traces-{EVAL_SPLIT}.lance", "--spec", spec),
         },
     }

@@ -132,14 +132,14 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
                            world.kb_path, teachers.llm_dir, preset)
     rep.paths.update(spec=str(spec_path), world=str(world.root))
 
-    from distillery.cli import run_record_flow
+    from distillery.flows.record import run_record
     from distillery.flows.spec import load_spec
 
     spec = load_spec(spec_path)
     traces = {split: str(workdir / f"traces-{split}.lance") for split in ("train", "test")}
     for split in ("train", "test"):
         inputs = world.split_dir(split)
-        summary = rep.stage(f"record ({split})", lambda: run_record_flow(spec, inputs, traces[split]))
+        summary = rep.stage(f"record ({split})", lambda: run_record(spec, inputs, traces[split]))
         rep.figures[f"record_{split}"] = {k: summary[k] for k in ("written", "skipped", "quarantined", "by_reason", "version")}
         rep.paths[f"inputs_{split}"] = str(inputs)
         rep.paths[f"traces_{split}"] = traces[split]
@@ -153,7 +153,8 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
     reg = result["registered"]
     model_ref = (f"{reg['model_name']}@champion" if reg["promoted"] or _is_champion(reg)
                  else f"{reg['model_name']}/{reg['version']}")
-    rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity") or _logged_fidelity(reg["run_id"]),
+    rep.figures["student"] = {"fidelity_vs_teacher": result.get("fidelity") or _logged(reg["run_id"], "fidelity"),
+                              "retained": result.get("retained") or _logged(reg["run_id"], "eval.retained"),
                               "registered": reg, "registered_uri": f"models:/{model_ref}",
                               "train": result.get("train"), "reused": result.get("reused", False)}
     rep.stage("pull and predict", lambda: _pull_and_predict(rep, model_ref, world, workdir))
@@ -177,10 +178,8 @@ def _pull_and_predict(rep: DemoReport, model_ref: str, world, workdir: Path) -> 
     image = world.split_dir("test") / first["image"]
     folder = pull(model_ref, workdir / "pulled")
     answer = predict_dir(folder, image, first["question"])
-    truth = next(r["answer"] for r in world.annotations("test")["requests"]
-                 if r["image"] == first["image"] and r["question"] == first["question"])
     rep.figures["prediction"] = {"image": str(image), "question": first["question"], "answer": answer.get("answer"),
-                                 "ground_truth": truth}
+                                 "ground_truth": first["answer"]}  # the request line's label
     rep.paths["pulled_student"] = str(folder)
     rep.commands["predict"] = (f"distillery predict {folder} --image {image} --question \"{first['question']}\"")
     rep.commands["pull"] = f"distillery pull {model_ref} --to ./student"
@@ -197,17 +196,18 @@ def _is_champion(reg: dict) -> bool:
     return mv is not None and str(mv.version) == str(reg["version"])
 
 
-def _logged_fidelity(run_id: str | None) -> dict[str, dict[str, float]] | None:
-    """A reused student's per-node fidelity, read back from its MLflow run (``fidelity.NODE.METRIC``)."""
+def _logged(run_id: str | None, prefix: str) -> dict[str, dict[str, float]] | None:
+    """A reused student's per-node figures, read back from its MLflow run: ``PREFIX.NODE.METRIC``
+    (``fidelity``: vs the teacher; ``eval.retained``: retained accuracy)."""
     import mlflow
 
     if not run_id:
         return None
     out: dict[str, dict[str, float]] = {}
     for key, value in mlflow.get_run(run_id).data.metrics.items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "fidelity":
-            out.setdefault(parts[1], {})[parts[2]] = value
+        if key.startswith(prefix + ".") and key.count(".") == prefix.count(".") + 2:
+            node, metric = key[len(prefix) + 1:].split(".")
+            out.setdefault(node, {})[metric] = value
     return out or None
 
 

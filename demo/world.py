@@ -7,11 +7,20 @@
     out_dir/{train,val,test}/
         images/00000.png ...            RGB scenes
         labels/00000.txt ...            YOLO polygon labels (next to images/, as Ultralytics expects)
-        requests.jsonl                  {"image": "images/x.png", "question": ...} (record's input)
-        annotations.json                per image: boxes, masks (COCO RLE), classes, labels, the
-                                        labels of the large objects (kb.LARGE_AREA);
-                                        per request: question, answer, type, needed doc ids
+        requests.jsonl                  {"image": "images/x.png", "question": ..., "answer": ...,
+                                         "type": ..., "documents": [needed doc ids]}: record's
+                                        input, with its labels
+        annotations.json                COCO: images, annotations (bbox [x, y, w, h], RLE masks),
+                                        categories named as the detector's classes
+        scenes.json                     the demo's own richer truth (demo-private): per image
+                                        objects (pixel and normalized boxes, masks, classes,
+                                        areas), labels and the labels of the large objects
+                                        (kb.LARGE_AREA); per request question, answer, type,
+                                        needed doc ids
     out_dir/yolo/data.yaml              the Ultralytics segmentation dataset
+
+``requests.jsonl`` and ``annotations.json`` are the formats any user's labelled inputs come in
+(``students/evaluation/truth.py``): the demo's evaluation reads its world the way it reads theirs.
 
 Every random draw comes from ``numpy.random.default_rng([seed, split, index])``, so the same config
 writes the same bytes, and one image never depends on how many others were drawn.
@@ -38,7 +47,8 @@ from distillery import rle
 from distillery.demo import kb
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 2  # 2: large objects and the questions about them
+FORMAT_VERSION = 3  # 2: large objects and the questions about them; 3: COCO + labelled requests
+SCENES_FILE = "scenes.json"  # the demo's own truth (the COCO file and request labels are the users' formats)
 RGB = {"red": (215, 35, 35), "green": (35, 165, 60), "blue": (35, 75, 215), "yellow": (235, 205, 30)}
 
 
@@ -230,11 +240,32 @@ class World:
         return self.split_dir(split) / "requests.jsonl"
 
     def annotations(self, split: str) -> dict:
-        """``{"images": [...], "requests": [...]}`` as written by ``build_world``."""
-        return json.loads((self.split_dir(split) / "annotations.json").read_text())
+        """The demo's own truth of a split (``scenes.json``): ``{"images": [...], "requests": [...]}``."""
+        return json.loads((self.split_dir(split) / SCENES_FILE).read_text())
 
     def documents(self) -> list[dict]:
         return [json.loads(line) for line in self.kb_path.read_text().splitlines() if line]
+
+
+def coco_annotations(images: list[dict]) -> dict:
+    """A split's objects as a COCO detection / segmentation file (categories named as the
+    detector's classes; ids start at 1, matching is by name)."""
+    coco_images, annotations = [], []
+    for image_id, im in enumerate(images, start=1):
+        coco_images.append({"id": image_id, "file_name": im["file"], "width": im["width"], "height": im["height"]})
+        for o in im["objects"]:
+            x1, y1, x2, y2 = o["box"]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": o["class_id"] + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": o["area"], "segmentation": o["mask"],
+                                "iscrowd": 0})
+    return {"info": {"description": "distillery demo world"}, "images": coco_images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(kb.CLASSES)]}
+
+
+def request_line(request: dict) -> dict:
+    """A request as ``requests.jsonl`` holds it: the input and its labels."""
+    return {"image": request["image"], "question": request["question"], "answer": request["answer"],
+            "type": request["type"], "documents": request["needed_docs"]}
 
 
 def _write_images(cfg: WorldConfig, d: Path, split: str, indices: range) -> tuple[list, list]:
@@ -274,9 +305,9 @@ def _write_split(cfg: WorldConfig, root: Path, split: str, workers: int = 1) -> 
         parts = [_write_images(cfg, d, split, c) for c in chunks]
     images = [im for part in parts for im in part[0]]
     requests = [r for part in parts for r in part[1]]
-    (d / "requests.jsonl").write_text(
-        "".join(json.dumps({"image": r["image"], "question": r["question"]}) + "\n" for r in requests))
-    (d / "annotations.json").write_text(json.dumps({"images": images, "requests": requests}))
+    (d / "requests.jsonl").write_text("".join(json.dumps(request_line(r)) + "\n" for r in requests))
+    (d / "annotations.json").write_text(json.dumps(coco_annotations(images)))
+    (d / SCENES_FILE).write_text(json.dumps({"images": images, "requests": requests}))
 
 
 def _write_data_yaml(root: Path) -> None:

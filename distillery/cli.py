@@ -156,7 +156,8 @@ def resolve_student(model_uri: str, tmp: Path, tracking_uri: str | None = None,
     ``workdir/runs/mlflow.db``). Raises FileNotFoundError / LookupError / ValueError (or MLflow's
     error) for bad input."""
     from distillery.registry.config import RegistryConfig
-    from distillery.registry.pull import download_logged, pull, student_dir
+    from distillery.registry.pull import download_logged, pull
+    from distillery.students.serving.folder import student_dir
 
     path = Path(model_uri).expanduser()
     if path.is_dir():

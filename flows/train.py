@@ -7,6 +7,9 @@ workers see (``/data`` in the team stack): the flow's result is written as JSON 
 (``RESULT_FILE``, atomically) and the distill flow reads it from there with ``read_result``, so
 nothing depends on Prefect result persistence. With ``mlflow_run_id`` the step logs into the
 distillation's MLflow run: training params, per-epoch metrics, system metrics, loss curves.
+(Training saves the spec beside the student, ``students.training.train.SPEC_FILE``: it travels
+with the registered model, so ``distillery eval`` knows the teacher graph of a student folder or a
+pulled one.)
 """
 
 from __future__ import annotations

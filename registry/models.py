@@ -6,6 +6,8 @@ uri = log_student(student_dir, spec, metrics, lineage, run_id=run.info.run_id)
 mv = register_student(uri, spec, metrics, lineage)           # idempotent per training run
 decision = promote(mv.name, mv.version, metrics, spec.registry.gate,
                    spec.registry.comparison_metric())       # challenger always, champion if earned
+register_distilled(spec, student_dir, metrics, lineage, run_id, eval_set)  # the three, as the flow does
+find_registered(spec, traces_uri, traces_version)           # registered from exactly these traces?
 ```
 """
 
@@ -31,14 +33,14 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
 from distillery.registry.config import CHALLENGER, CHAMPION, RegistryConfig
-from distillery.registry.tracking import setup
+from distillery.registry.tracking import setup, use_store
+from distillery.students.serving.folder import student_dir
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # What the pyfunc model imports at load time: the distillery namespace with the ground modules
 # and the students, teachers and registry packages, copied into the model's code/ folder (nothing else lands on sys.path).
 NOT_MODEL_FILES = ("checkpoints", "train_result.json")  # in a student folder, not part of the model
 LOGGED_NAME = "student"  # name of the logged model inside its run
-STUDENT_FILES = ("model.safetensors", "config.json")  # the minimum a student folder holds
 LINEAGE_KEYS = ("graph_fingerprint", "traces_version", "traces_uri", "spec_hash",
                 "prefect_flow_run_id", "git_commit", "train_run_id")
 METRIC_TAG = "metric."  # version tag prefix for the metrics the version was registered with
@@ -55,17 +57,6 @@ SIGNATURE = ModelSignature(
 )
 
 
-def use_store(tracking_uri: str | None = None) -> str:
-    """Point MLflow at ``tracking_uri``; else keep a URI already set (env or earlier call); else
-    the default store (RegistryConfig: $MLFLOW_TRACKING_URI, then the local SQLite store)."""
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
-    if tracking_uri or not is_tracking_uri_set():
-        uri = tracking_uri or RegistryConfig().resolve_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-    return mlflow.get_tracking_uri()
-
-
 # -- logging and registering -----------------------------------------------------------------------
 def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], lineage: Mapping[str, Any],
                 run_id: str | None = None, workdir: str | Path | None = None) -> str:
@@ -73,7 +64,7 @@ def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], 
 
     run_id: the training run (default: the active run, else a new run). Logging twice into the
     same run returns the first model's URI. ``metrics`` are logged on the run."""
-    model_dir = check_student_dir(model_dir)
+    model_dir = student_dir(model_dir)
     cfg: RegistryConfig = spec.registry
     exp_id = setup(cfg, cfg.experiment or spec.name, workdir)
     run_id = run_id or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
@@ -160,6 +151,44 @@ def log_and_register(model_dir: str | Path, spec: Any, metrics: Mapping[str, flo
     return register_student(uri, spec, metrics, merged, eval_set=eval_set, workdir=workdir)
 
 
+def register_distilled(spec: Any, student_dir: str | Path, metrics: Mapping[str, float], lineage: Mapping[str, Any],
+                       run_id: str, eval_set: str | None = None, workdir: str | Path | None = None,
+                       champion_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Log the student into the distillation's run ``run_id``, register it, move the aliases
+    (``promote``; ``champion_metrics``: the champion measured on the same set) and tag the run
+    with the version. Returns model_name, version, run_id, model_uri, promoted, reasons, metrics."""
+    from distillery.registry.tracking import resume_run
+
+    with resume_run(run_id):
+        uri = log_student(student_dir, spec, metrics, lineage, run_id=run_id, workdir=workdir)
+    mv = register_student(uri, spec, metrics, lineage, eval_set=eval_set, workdir=workdir)
+    decision = promote(mv.name, mv.version, metrics, spec.registry.gate, spec.registry.comparison_metric(),
+                       champion_metrics=champion_metrics, eval_set=eval_set)
+    mlflow.MlflowClient().set_tag(run_id, "registered_version", f"{mv.name}/{mv.version}")
+    return {"model_name": mv.name, "version": mv.version, "run_id": run_id, "model_uri": uri,
+            "promoted": decision.promoted, "reasons": decision.reasons, "metrics": dict(metrics)}
+
+
+def find_registered(spec: Any, traces_uri: str, traces_version: int | None) -> dict[str, Any] | None:
+    """The version of the spec's model registered from exactly these traces (uri + version)
+    with this spec (its hash), if any: rerunning a distillation over unchanged data registers
+    nothing new. Returns model_name, version, run_id, promoted, reasons (``["reused"]``)."""
+    name = spec.registry.model_name or spec.name
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no registered model yet
+        return None
+    for mv in versions:
+        t = mv.tags
+        if (t.get("traces_uri") == str(traces_uri) and t.get("traces_version") == str(traces_version)
+                and t.get("spec_hash") == spec.spec_hash()):
+            champion = alias_version(client, name, CHAMPION)  # (search results may leave aliases out)
+            return {"model_name": name, "version": mv.version, "run_id": mv.run_id, "reasons": ["reused"],
+                    "promoted": champion is not None and str(champion.version) == str(mv.version)}
+    return None
+
+
 def lineage_tags(lineage: Mapping[str, Any], spec: Any, run_id: str | None) -> dict[str, str]:
     tags = {k: "unknown" for k in LINEAGE_KEYS}
     tags.update({"spec_hash": spec.spec_hash(), "git_commit": git_commit(), "train_run_id": run_id or "unknown"})
@@ -190,16 +219,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def check_student_dir(model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"student folder {model_dir}: not a directory")
-    missing = [f for f in STUDENT_FILES if not (model_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"student folder {model_dir}: missing {', '.join(missing)}")
-    return model_dir.resolve()
 
 
 def example_input():

@@ -2,9 +2,11 @@
 
     pull("shapes-demo@champion", Path("students/shapes"))       # self-contained folder
     predict_dir(Path("students/shapes"), "img.png", "How many hazards?")
+    pull_champion(spec, workdir)                                 # the champion a continual run starts from
 
-A pulled folder answers with no MLflow server: ``student/`` (the saved student), ``MLmodel`` and
-``registry.json`` (name, version, aliases, tags, run id).
+A pulled folder answers with no MLflow server: ``student/`` (the saved student), ``MLmodel``,
+``registry.json`` (name, version, aliases, tags, run id) and, when its run logged one, the
+``spec.yaml`` it was distilled with (``distillery eval`` finds its teacher graph there).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from distillery.registry.config import CHAMPION
-from distillery.registry.models import alias_version, check_student_dir, use_store
+from distillery.registry.models import alias_version, use_store
+from distillery.students.serving.folder import student_dir
 
 
 def model_uri_of(model_ref: str) -> str:
@@ -75,12 +78,53 @@ def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Pat
         shutil.copytree(src / STUDENT_ARTIFACT, staged / "student")
         shutil.copy2(src / "MLmodel", staged / "MLmodel")
         (staged / "registry.json").write_text(json.dumps(_registry_info(mv), indent=2))
+        _download_spec(mv.run_id, staged)
         if to.exists():
             shutil.rmtree(to)
         staged.rename(to)
     return to
 
 
+def _download_spec(run_id: str | None, into: Path) -> None:
+    """The run's ``spec.yaml`` into ``into`` (best effort: a run may have logged none)."""
+    if not run_id:
+        return
+    try:
+        got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE, dst_path=str(into / ".spec"))
+    except (MlflowException, OSError):
+        return
+    shutil.move(got, into / SPEC_FILE)
+    shutil.rmtree(into / ".spec", ignore_errors=True)
+
+
+def pull_champion(spec: Any, workdir: str | Path) -> dict[str, Any] | None:
+    """The spec's current champion pulled into ``workdir/champion``: its version, its student
+    folder and the trace-store version it was trained on (None when unknown); None when the
+    model has no champion."""
+    name = spec.registry.model_name or spec.name
+    try:
+        mv = resolve_version(f"models:/{name}@{CHAMPION}")
+    except LookupError:
+        return None
+    folder = pull(f"{name}/{mv.version}", Path(workdir) / "champion")
+    version = mv.tags.get("traces_version")
+    return {"version": mv.version, "dir": str(folder / "student"),
+            "traces_version": int(version) if version and version.isdigit() else None}
+
+
+def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | None = None):
+    """A StudentPredictor for a student folder (trained or pulled) or a registry reference
+    (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...``), pulled into a temporary folder."""
+    from distillery.students.serving.predictor import StudentPredictor
+
+    if Path(model).is_dir():
+        return StudentPredictor.load(student_dir(model), device=device)
+    with tempfile.TemporaryDirectory(prefix="distillery-pull-") as tmp:
+        folder = pull(str(model), Path(tmp) / "pulled", tracking_uri=tracking_uri)
+        return StudentPredictor.load(student_dir(folder), device=device)
+
+
+SPEC_FILE = "spec.yaml"  # the spec a distillation's run logged (registry.tracking.log_spec)
 STUDENT_ARTIFACT = Path("artifacts") / "student"  # where a logged pyfunc student keeps the folder
 
 
@@ -97,12 +141,6 @@ def _registry_info(mv: ModelVersion) -> dict[str, Any]:
     return {"name": mv.name, "version": mv.version, "aliases": list(mv.aliases or []),
             "tags": dict(mv.tags), "run_id": mv.run_id, "source": mv.source,
             "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": mlflow.get_tracking_uri()}
-
-
-def student_dir(folder: str | Path) -> Path:
-    """The student artifact inside a pulled folder (``folder/student``) or the folder itself."""
-    folder = Path(folder)
-    return check_student_dir(folder / "student" if (folder / "student").is_dir() else folder)
 
 
 def predict_dir(folder: str | Path, image: str | Path | bytes, question: str, backend: str = "auto") -> dict:

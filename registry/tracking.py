@@ -11,7 +11,8 @@ with start_run(spec.registry, spec, run_name="train", tags={"prefect_flow_run_id
 
 The distill flow opens the run before training (``open_run``) and passes its id on: the train
 step (in-process or on a GPU worker) resumes it with system metrics on (``training_run``), the
-evaluation and the registration log into it too (``resume_run``).
+evaluation (``log_evaluation_run``: a ``students.evaluation.fidelity`` report, its bar chart,
+agreement by question type, sample overlays) and the registration log into it too (``resume_run``).
 
 The experiment is created with an explicit artifact location (next to a SQLite store, or the
 tracking server's default), so nothing lands in ./mlruns.
@@ -34,6 +35,17 @@ from mlflow.exceptions import MlflowException
 from distillery.registry.config import RegistryConfig, artifact_location
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def use_store(tracking_uri: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri``; else keep a URI already set (env or earlier call); else
+    the default store (RegistryConfig: $MLFLOW_TRACKING_URI, then the local SQLite store)."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if tracking_uri or not is_tracking_uri_set():
+        uri = tracking_uri or RegistryConfig().resolve_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+    return mlflow.get_tracking_uri()
 
 
 def setup(cfg: RegistryConfig, experiment: str, workdir: str | Path | None = None) -> str:
@@ -278,9 +290,55 @@ def log_by_type(by_type: Mapping[str, Mapping[str, float]], name: str = "plots/a
     plt.close(fig)
 
 
+def log_evaluation(report: Mapping[str, Any], run_id: str | None = None, prefix: str = "eval") -> str:
+    """A fidelity report into MLflow: metrics ``eval.<comparison>.<node>.<metric>`` and
+    ``eval.by_type.<type>.<comparison>``, the per-node bar chart and ``evaluation.json``; into
+    the given run, the active one, or a new run. Returns the run id."""
+    import matplotlib.pyplot as plt
+
+    from distillery.students.evaluation.fidelity import COMPARISONS, bar_chart
+    from distillery.students.evaluation.report import flat_metrics
+
+    active = mlflow.active_run()
+    if run_id is None and active is not None:
+        run_id = active.info.run_id
+    if run_id is None:
+        use_store()
+    with mlflow.start_run(run_id=run_id, nested=active is not None and run_id != active.info.run_id) as run:
+        metrics = {}
+        for comp in (*COMPARISONS, "retained"):
+            metrics |= flat_metrics(report.get(comp, {}), prefix=f"{prefix}.{comp}")
+        metrics |= flat_metrics({t: {k: v for k, v in row.items() if k != "n"}
+                                 for t, row in (report.get("by_type") or {}).items()}, prefix=f"{prefix}.by_type")
+        mlflow.log_metrics(metrics)  # names already valid (recall@k -> recall_at_k)
+        fig = bar_chart(dict(report))
+        mlflow.log_figure(fig, f"{prefix}/fidelity_per_node.png")
+        plt.close(fig)
+        mlflow.log_dict(dict(report), f"{prefix}/evaluation.json")
+        return run.info.run_id
+
+
+def log_evaluation_run(report: Mapping[str, Any], records: Sequence[Any], student_dir: str | Path, run_id: str,
+                       detector: str | None = None, samples: int = 3) -> None:
+    """Into the distillation's run: ``log_evaluation``, ``fidelity.<node>.<metric>`` (what a
+    reused student's figures are read back from), agreement by question type and, for the
+    ``detector`` node, teacher-vs-student overlays on ``samples`` images."""
+    from distillery.students.evaluation.fidelity import load_predictor
+    from distillery.students.evaluation.metrics import predict_records
+    from distillery.students.evaluation.report import flat_metrics
+
+    log_evaluation(report, run_id=run_id)
+    with resume_run(run_id):
+        mlflow.log_metrics(flat_metrics(report["student_vs_teacher"]))
+        log_by_type(report.get("by_type") or {})
+        shown = one_per_image(records, samples, detector) if detector else []
+        if shown:
+            log_samples(sample_overlays(shown, predict_records(load_predictor(student_dir), shown), detector))
+
+
 def forgetting_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """``forgetting.<metric>`` (on the OLD held-out set, > 0: the new student lost ground) and
-    ``forgetting.<old|new>.<student|champion>.<metric>`` from ``flows.distill.forgetting_report``."""
+    ``forgetting.<old|new>.<student|champion>.<metric>`` from ``students.evaluation.forgetting``."""
     out = {f"forgetting.{k}": v for k, v in (report.get("forgetting") or {}).items()}
     for split in ("old", "new"):
         part = report.get(split) or {}

@@ -191,3 +191,52 @@ def test_eval_bad_input_exits_2_with_one_line(example, what):
     extra = ["--split", "dev"] if what == "bad-split" else []
     result = invoke("eval", target, "--workdir", root, "--preset", "tiny", *extra)
     assert_clean_error(result, "dev" if what == "bad-split" else target)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval on a user's own held-out inputs (the generic path)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inputs_report(example, trained):
+    """The example's printed eval command, run as printed: the student on the held-out split of
+    the example's world, whose labels are a COCO annotations.json and labelled request lines; the
+    spec makes eval record that split's traces first."""
+    args = shlex.split(example["commands"]["eval"])
+    assert args[0] == "distillery" and "--inputs" in args
+    result = invoke(*args[1:], "--json")
+    assert result.exit_code == 0, result.output
+    return {"args": args, "report": json.loads(result.stdout)}
+
+
+def test_eval_on_held_out_inputs_reports_truth_and_retained(inputs_report, example, folder_report):
+    report = inputs_report["report"]
+    assert REPORT_KEYS - {"split", "preset"} <= set(report) and report["labels"]["labelled"] == report["n_records"]
+    assert set(report["student_vs_truth"]) == {"detector", "retriever", "reasoner"}
+    assert report["inputs"] == str(Path(example["dir"]) / "world" / "test")
+    assert report["student_vs_teacher"] == folder_report["report"]["student_vs_teacher"]  # the demo path is this path
+
+
+def test_eval_on_inputs_without_their_traces_says_how_to_record_them(example, trained, inputs_report, tmp_path):
+    inputs = Path(example["dir"]) / "world" / "test"
+    result = invoke("eval", trained["out"], "--inputs", inputs)
+    assert_clean_error(result, "--traces", f"distillery record SPEC --inputs {inputs}")
+    missing = tmp_path / "none.lance"
+    result = invoke("eval", trained["out"], "--inputs", inputs, "--traces", missing)  # no spec with the student
+    assert_clean_error(result, f"trace store {missing}", f"distillery record SPEC --inputs {inputs} --traces {missing}")
+    traces = inputs_report["args"][inputs_report["args"].index("--traces") + 1]
+    result = invoke("eval", trained["out"], "--inputs", inputs, "--traces", traces, "--json")  # now recorded
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["spec"] is None  # the student's lineage named the teacher graph
+
+
+def test_eval_with_a_bad_label_file_names_file_and_line(example, trained, tmp_path):
+    shutil.copytree(Path(example["dir"]) / "world" / "test", tmp_path / "held-out")
+    path = tmp_path / "held-out" / "requests.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "documents": "meaning-pump"})
+    path.write_text("\n".join(lines) + "\n")
+    result = invoke("eval", trained["out"], "--inputs", tmp_path / "held-out", "--traces", tmp_path / "t.lance",
+                    "--spec", example["spec"])
+    assert_clean_error(result, f"{path} line 3: 'documents' must be a list")
+    assert not (tmp_path / "t.lance").exists()  # refused before any teacher ran

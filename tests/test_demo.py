@@ -47,6 +47,8 @@ def test_every_stage_runs_and_report_json_holds_the_figures_and_paths(demo_runs)
     student = fig["student"]
     assert student["registered_uri"].startswith("models:/shapes-tiny")
     assert "answer_em" in student["fidelity_vs_teacher"]["reasoner"]
+    assert student["retained"], student  # retained accuracy per node: the test split's labels are read
+    assert set(student["retained"]) <= {"detector", "retriever", "reasoner"}
     assert isinstance(fig["prediction"]["answer"], str) and fig["prediction"]["ground_truth"]
     assert fig["speed"]["speedup_batch1"] > 0 and fig["speed"]["graph_parameters"] > fig["speed"]["student_parameters"]
     assert fig["wall_seconds"] > 0
@@ -89,6 +91,9 @@ def test_a_warm_run_reuses_everything_and_still_reports_the_student(demo_runs):
     assert warm["student"]["registered"]["version"] == cold["student"]["registered"]["version"]
     reused = warm["student"]["fidelity_vs_teacher"]["reasoner"]["answer_em"]  # read back from MLflow
     assert reused == pytest.approx(cold["student"]["fidelity_vs_teacher"]["reasoner"]["answer_em"])
+    for node, metrics in cold["student"]["retained"].items():
+        for name, value in metrics.items():
+            assert warm["student"]["retained"][node][name.replace("@", "_at_")] == pytest.approx(value)
     teachers = demo_runs["workdir"] / "teachers"
     assert len([p for p in teachers.iterdir() if not p.name.endswith(".training")]) == 1  # no second training
 

@@ -11,6 +11,7 @@ rerun over unchanged data registers nothing.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -20,17 +21,19 @@ from registry_support import mlflow_uri_restored
 
 
 def _split_inputs(src: Path, dst: Path) -> tuple[Path, Path, int]:
-    """``dst/part1`` (the first half of the images, all their questions) and ``dst/all``, with
-    absolute image paths and the world's annotations; returns them and part1's request count."""
+    """``dst/part1`` (the first half of the images, all their questions) and ``dst/all``, each an
+    inputs folder with its images and the world's labels (labelled request lines, the COCO file;
+    its images not in a folder are unlabelled there); returns them and part1's request count."""
     lines = [json.loads(line) for line in (src / "requests.jsonl").read_text().splitlines() if line]
     images = sorted({r["image"] for r in lines})
     first = set(images[: len(images) // 2])
     folders = {"part1": [r for r in lines if r["image"] in first], "all": lines}
     for name, reqs in folders.items():
-        (dst / name).mkdir(parents=True)
-        (dst / name / "requests.jsonl").write_text("".join(
-            json.dumps({"image": str(src / r["image"]), "question": r["question"]}) + "\n" for r in reqs))
-        (dst / name / "annotations.json").write_text((src / "annotations.json").read_text())
+        (dst / name / "images").mkdir(parents=True)
+        for image in {r["image"] for r in reqs}:
+            shutil.copy2(src / image, dst / name / image)
+        (dst / name / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+        shutil.copy2(src / "annotations.json", dst / name / "annotations.json")
     return dst / "part1", dst / "all", len(folders["part1"])
 
 
@@ -78,14 +81,20 @@ def test_the_run_holds_params_epoch_and_system_metrics_plots_and_the_report(runs
             "eval/evaluation.json", "eval/fidelity_per_node.png"} <= files, sorted(files)
     report = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="eval/evaluation.json", tracking_uri=client.tracking_uri)).read_text())
-    assert {"student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "by_type"} <= set(report)
+    assert {"student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "retained", "by_type"} <= set(report)
+    assert set(report["student_vs_truth"]) == {"detector", "retriever", "reasoner"}  # the inputs' labels
+    assert report["labels"]["labelled"] == report["n_records"] and report["labels"]["left_out"] == {}
+    from distillery.flows.spec import load_spec
+
+    saved = load_spec(Path(first["train"]["out_dir"]) / "spec.yaml")  # the spec travels with the student
+    assert saved.spec_hash() == runs["spec"].spec_hash()
     mv = client.get_model_version(first["registered"]["model_name"], first["registered"]["version"])
     assert mv.run_id == run.info.run_id and run.data.tags["registered_version"].endswith(f"/{mv.version}")
     model = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}",
                                                      tracking_uri=client.tracking_uri))
     assert (model / "code" / "distillery" / "students" / "serving" / "predictor.py").is_file()
     student = {p.name for p in (model / "artifacts" / "student").iterdir()}
-    assert "model.safetensors" in student and not {"train_result.json", "checkpoints"} & student
+    assert {"model.safetensors", "spec.yaml"} <= student and not {"train_result.json", "checkpoints"} & student
 
 
 def _artifacts(flow_run_id: str) -> list:
@@ -136,6 +145,18 @@ def test_rerun_over_unchanged_data_registers_no_new_version(runs):
     assert third["record"]["written"] == 0
     versions = runs["client"].search_model_versions(f"name = '{reg['model_name']}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_a_bad_label_file_stops_the_flow_before_anything_is_recorded(runs, tmp_path):
+    from distillery.flows.distill import distill_flow
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "requests.jsonl").write_text('{"image": "a.png", "question": "q", "answer": ["two"]}\n')
+    with pytest.raises(ValueError, match=r"requests.jsonl line 1: 'answer' must be a string"):
+        distill_flow(spec=runs["spec"], inputs=str(inputs), traces=str(tmp_path / "traces.lance"),
+                     workdir=str(tmp_path / "runs"))
+    assert not (tmp_path / "traces.lance").exists()
 
 
 def test_train_result_is_read_back_from_shared_storage(tmp_path):

@@ -1,40 +1,52 @@
-"""Fidelity reports on the tiny demo world: ground truth matched to records, the teacher's own
-outputs as the "student" retain exactly 1.0, answers grouped by question type, a real student's
-report end to end (``run_eval`` on a student folder), and the MLflow log."""
+"""Fidelity reports on the tiny demo world, whose splits carry labels in the users' formats (a
+COCO annotations.json, answer / type / documents on the requests.jsonl lines): the truth read
+from them agrees with the demo's own scenes, the teacher's outputs as the "student" retain
+exactly 1.0, answers grouped by question type, a real student's report end to end through the
+generic path (``demo.fidelity.run_eval`` -> ``fidelity.evaluate_inputs``), and the MLflow log."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from distillery.students.evaluation.fidelity import by_question_type, demo_ground_truth, evaluate_predictions, publish_table, run_eval
+from distillery.students.evaluation.fidelity import by_question_type, evaluate_predictions
+from distillery.students.evaluation.truth import ground_truth
 
 
 @pytest.fixture(scope="module")
 def demo(tiny_demo):
+    from distillery.demo.fidelity import record_split
     from distillery.flows.spec import load_spec
-    from distillery.students.evaluation.fidelity import record_split
 
     world, spec = tiny_demo["world"], load_spec(tiny_demo["spec_path"])
     records = record_split(spec, world, "test", tiny_demo["workdir"] / "traces-test.lance")
-    truth, types = demo_ground_truth(spec, world, "test", records)
-    return {"world": world, "spec": spec, "records": records, "truth": truth, "types": types,
-            "workdir": tiny_demo["workdir"]}
+    truth = ground_truth(world.split_dir("test"), spec, records)
+    return {"world": world, "spec": spec, "records": records, "truth": truth.outputs, "types": truth.types,
+            "summary": truth.summary(), "workdir": tiny_demo["workdir"]}
 
 
-def test_every_record_gets_its_ground_truth(demo):
-    ann = demo["world"].annotations("test")
-    assert len(demo["records"]) == len(ann["requests"]) and all(t is not None for t in demo["truth"])
-    by_q = {(r["image"], r["question"]): r for r in ann["requests"]}
-    objects = {im["file"]: im["objects"] for im in ann["images"]}
+def test_the_users_label_formats_give_the_demos_own_truth(demo):
+    """What the COCO file and the request lines give equals the demo's private scenes.json."""
+    from distillery.demo import kb
+
+    scenes = demo["world"].annotations("test")
+    assert len(demo["records"]) == len(scenes["requests"]) and all(t is not None for t in demo["truth"])
+    by_q = {(r["image"], r["question"]): r for r in scenes["requests"]}
+    objects = {im["file"]: im["objects"] for im in scenes["images"]}
     for rec, truth, qtype in zip(demo["records"], demo["truth"], demo["types"]):
         key = "/".join(rec.image_path.split("/")[-2:])
         req = by_q[(key, rec.question)]
         assert truth["reasoner"]["answer"] == req["answer"] and qtype == req["type"]
         assert truth["retriever"]["ids"] == req["needed_docs"]
-        assert truth["detector"]["boxes"] == [o["box_norm"] for o in objects[key]]
+        det = truth["detector"]
+        np.testing.assert_allclose(det["boxes"], [o["box_norm"] for o in objects[key]], atol=1e-6)
+        assert det["classes"] == [o["class_id"] for o in objects[key]]  # by name: the detector's ids
+        assert det["labels"] == [kb.CLASSES[o["class_id"]] for o in objects[key]]
+        assert det["masks"] == [o["mask"] for o in objects[key]]
+    assert demo["summary"]["masks"] is True and demo["summary"]["left_out"] == {}
 
 
 def test_teacher_outputs_as_student_retain_everything(demo):
@@ -46,6 +58,7 @@ def test_teacher_outputs_as_student_retain_everything(demo):
             if name != "n":
                 assert v == pytest.approx(1.0), (node, name)
     assert report["student_vs_truth"] == report["teacher_vs_truth"]
+    assert set(report["student_vs_truth"]) == {"detector", "retriever", "reasoner"}
     for node, metrics in report["retained"].items():
         assert all(v == pytest.approx(1.0) for v in metrics.values()), node
     assert sum(row["n"] for row in report["by_type"].values()) == len(recs)
@@ -61,9 +74,11 @@ def test_answers_by_question_type():
 def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
     import mlflow
 
-    from student_support import tiny_config
+    from distillery.demo.fidelity import run_eval
+    from distillery.flows.artifacts import publish_fidelity
     from distillery.students.data import build_schema, load_tokenizer
     from distillery.students.model.student import MultimodalStudent
+    from student_support import tiny_config
 
     schema = build_schema(demo["spec"], demo["records"])
     torch.manual_seed(0)
@@ -73,6 +88,7 @@ def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
     report = run_eval(str(folder), "test", workdir=demo["workdir"], preset="tiny", log=True)
     n = len(demo["records"])
     assert report["n_records"] == n and report["split"] == "test"
+    assert report["inputs"] == str(demo["world"].split_dir("test")) and report["labels"]["labelled"] == n
     assert set(report["student_vs_teacher"]) == {"detector", "retriever", "reasoner"}
     assert report["student_vs_teacher"]["reasoner"]["n"] == n
     for node, metrics in report["retained"].items():  # retained = student vs truth / teacher vs truth
@@ -84,7 +100,7 @@ def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/fidelity_per_node.png", "eval/evaluation.json"} <= files
     assert json.loads(json.dumps(report)) is not None  # the report is JSON as is
-    assert publish_table(report) is None  # outside a flow run: no artifact
+    assert publish_fidelity(report) is None  # outside a flow run: no artifact
     assert "eval.student_vs_teacher.retriever.recall_at_4" in run.data.metrics
 
 

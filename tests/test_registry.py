@@ -302,3 +302,29 @@ def test_pull_forms_and_errors(env, champion, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         pull.predict_dir(tmp_path, env["image"], QUESTION)
     shutil.rmtree(to)
+
+
+# -- what the distill flow asks of the registry ----------------------------------------------------
+def test_a_distillation_registers_once_per_traces_and_its_champion_is_pulled_with_its_spec(env, tmp_path):
+    from distillery.flows.spec import load_spec
+
+    mlflow.set_tracking_uri(env["uri"])
+    spec = make_spec(env["uri"], name="distilled-model", gate={"answer_agreement": 0.5})
+    assert models.find_registered(spec, "/data/t.lance", 4) is None and pull.pull_champion(spec, tmp_path) is None
+    lineage = {"graph_fingerprint": "gf-1", "traces_uri": "/data/t.lance", "traces_version": 4}
+    run_id = tracking.open_run(spec.registry, spec, run_name="distill")
+    reg = models.register_distilled(spec, env["student"], {"answer_agreement": 0.8}, lineage, run_id,
+                                    eval_set="/data/e.lance")
+    assert reg["promoted"] and reg["run_id"] == run_id and reg["metrics"] == {"answer_agreement": 0.8}
+    assert mlflow.MlflowClient().get_run(run_id).data.tags["registered_version"] == f"distilled-model/{reg['version']}"
+    assert models.find_registered(spec, "/data/t.lance", 4) == {
+        "model_name": "distilled-model", "version": reg["version"], "run_id": run_id, "promoted": True,
+        "reasons": ["reused"]}
+    assert models.find_registered(spec, "/data/t.lance", 5) is None  # new traces: distil again
+    changed = make_spec(env["uri"], name="distilled-model", gate={"answer_agreement": 0.6})
+    assert models.find_registered(changed, "/data/t.lance", 4) is None  # another spec: distil again
+    champion = pull.pull_champion(spec, tmp_path)
+    assert champion == {"version": reg["version"], "dir": str(tmp_path / "champion" / "student"), "traces_version": 4}
+    assert load_spec(tmp_path / "champion" / "spec.yaml").spec_hash() == spec.spec_hash()  # the run's spec
+    predictor = pull.load_predictor(f"distilled-model/{reg['version']}")
+    assert predictor.predict([{"image": str(env["image"]), "question": QUESTION}])[0] == env["direct"]

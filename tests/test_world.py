@@ -1,4 +1,5 @@
-"""The demo world: deterministic per seed, and its ground truth agrees with itself and the KB."""
+"""The demo world: deterministic per seed, its ground truth agrees with itself and the KB, and
+each split carries its labels in the users' formats (COCO annotations.json, labelled requests)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def worlds(tmp_path_factory):
 def test_same_seed_same_bytes_and_other_seed_differs(worlds):
     a, b, c = worlds
     da, db, dc = _digest(a.root), _digest(b.root), _digest(c.root)
-    assert len(da) == 2 * 12 + 3 * 2 + 2 and da == db
+    assert len(da) == 2 * 12 + 3 * 3 + 2 and da == db
     images = [k for k in da if k.endswith(".png")]
     assert sum(da[k] != dc[k] for k in images) == len(images)
 
@@ -140,7 +141,8 @@ def test_answers_agree_with_scene_and_kb(worlds):
         large = {im["file"]: [o["label"] for o in im["objects"]
                               if rle.decode(o["mask"]).astype(bool).mean() >= 0.03] for im in ann["images"]}
         lines = [json.loads(x) for x in w.requests_path(split).read_text().splitlines()]
-        assert lines == [{"image": r["image"], "question": r["question"]} for r in ann["requests"]]
+        assert lines == [{"image": r["image"], "question": r["question"], "answer": r["answer"], "type": r["type"],
+                          "documents": r["needed_docs"]} for r in ann["requests"]]  # the labels users give
         for r in ann["requests"]:
             counts, big = Counter(labels[r["image"]]), Counter(large[r["image"]])
             n = {m: sum(counts[c] for c in classes) for m, classes in meanings.items()}
@@ -165,6 +167,26 @@ def test_large_questions_need_the_masks_not_the_boxes(worlds):
     assert fill["triangle"] < 0.6 < fill["square"]
     for im in images:
         assert sorted(im["large"]) == sorted(o["label"] for o in im["objects"] if o["area"] >= kb.LARGE_AREA * size)
+
+
+def test_each_split_has_a_coco_file_that_pycocotools_reads(worlds):
+    """annotations.json is plain COCO: boxes [x, y, w, h] and RLE masks of the scenes' objects,
+    categories named as the detector's classes, read by pycocotools itself."""
+    from pycocotools.coco import COCO
+
+    w = worlds[0]
+    for split in SPLITS:
+        coco = COCO(str(w.split_dir(split) / "annotations.json"))
+        scenes = w.annotations(split)["images"]
+        assert [im["file_name"] for im in coco.loadImgs(coco.getImgIds())] == [im["file"] for im in scenes]
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(kb.CLASSES)
+        for image_id, scene in zip(coco.getImgIds(), scenes):
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            assert [coco.cats[a["category_id"]]["name"] for a in anns] == scene["labels"]
+            for a, o in zip(anns, scene["objects"]):
+                x1, y1, x2, y2 = o["box"]
+                assert a["bbox"] == [x1, y1, x2 - x1, y2 - y1] and a["area"] == o["area"]
+                assert np.array_equal(coco.annToMask(a), rle.decode(o["mask"]))
 
 
 def test_yolo_dataset_yaml(worlds):
@@ -201,4 +223,4 @@ def test_processes_draw_the_same_split_as_one(tmp_path):
     _write_split(cfg, tmp_path / "one", "train", workers=1)
     _write_split(cfg, tmp_path / "two", "train", workers=2)
     one, two = _digest(tmp_path / "one"), _digest(tmp_path / "two")
-    assert len(one) == 2 * 101 + 2 and one == two
+    assert len(one) == 2 * 101 + 3 and one == two

@@ -178,7 +178,8 @@ def measure_student(model_dir: str | Path, images: Sequence[str | Path | bytes],
                     device: str | torch.device | None = None, backend: str = "auto") -> dict[str, Any]:
     """Parameters, peak memory and per-image latency of a saved student (a folder or a pulled one),
     on ``backend`` (``StudentPredictor.load``: auto, torch, onnx, onnx-int8; the result names it)."""
-    from distillery.students.serving.predictor import StudentPredictor, student_dir
+    from distillery.students.serving.folder import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
 
     pairs = read_inputs(images, questions)
     device = resolve_device(device)
@@ -259,7 +260,8 @@ def paired_speedup(model_dir: str | Path, spec, images: Sequence, questions: Seq
     student and one of the graph over the same inputs, in alternating order, so a change in the
     machine's speed between two measurements (a shared 2-core machine swings by 20-50% from one
     minute to the next) hits both sides of a ratio. Returns the median ratio and every round's."""
-    from distillery.students.serving.predictor import StudentPredictor, student_dir
+    from distillery.students.serving.folder import student_dir
+    from distillery.students.serving.predictor import StudentPredictor
     from distillery.teachers.graph import TeacherGraph
 
     pairs = read_inputs(images, questions)

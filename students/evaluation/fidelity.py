@@ -1,27 +1,35 @@
 """How good a student is: vs its teachers, vs the ground truth, and what it keeps of the teachers.
 
-    report = evaluate_model("out/student", spec, records, ground_truth)
+    report = evaluate_inputs("out/student", "held-out/", "held-out.lance", spec)
     report["student_vs_teacher"]  # {node: {metric: v, "n"}}: agreement with the teacher graph
-    report["student_vs_truth"]    # the same metrics against the ground truth ...
+    report["student_vs_truth"]    # the same metrics against the inputs' labels (truth.py) ...
     report["teacher_vs_truth"]    # ... for the teacher graph's own outputs (the records')
     report["retained"]            # student_vs_truth / teacher_vs_truth, per node and metric
     report["by_type"]             # answer exact match per question type (when types are known)
+    report["labels"]              # how much truth there was, and what was left out of it
 
-``run_eval`` does it for a registered model (or a student folder) on a split of the demo world:
-``distillery eval MODEL_URI --split test``. ``log_evaluation`` sends a report to MLflow (metrics,
-a per-node bar chart, ``evaluation.json``); ``publish_table`` makes it a Prefect table artifact.
-The metric functions are those of ``students.evaluate`` (torchmetrics mAP, pycocotools IoU).
+``evaluate_inputs`` evaluates a student folder on a held-out inputs folder (its labels read by
+``truth.read_labels``) from the trace store of those inputs, recording missing traces when a spec
+is given; ``evaluate_model`` / ``evaluate_predictions`` do it on given records and truth. A
+"graph" here is a spec or a student's schema (``truth.node_types``). The metric functions are
+those of ``metrics`` (torchmetrics mAP, pycocotools IoU). Logging a report to MLflow is
+``registry.tracking.log_evaluation``; a Prefect table of it is ``flows.artifacts``.
 """
 
 from __future__ import annotations
 
-import tempfile
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from distillery.students.evaluation.metrics import (answer_agreement, as_predictor, compare_outputs, evaluate_against_truth,
-                               predict_records, retained, teacher_text_kl)
-from distillery.students.evaluation.report import flat_metrics, headline_metrics
+from distillery.students.evaluation.metrics import (answer_agreement, as_predictor, compare_outputs,
+                                                    evaluate_against_truth, predict_records, retained,
+                                                    teacher_text_kl)
+from distillery.students.evaluation.report import headline_metrics
+from distillery.students.evaluation.truth import Labels, align, node_types, read_labels
+from distillery.students.serving.folder import student_dir
+from distillery.students.serving.predictor import StudentPredictor
 
 COMPARISONS = ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
 
@@ -31,64 +39,42 @@ COMPARISONS = ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
 # ---------------------------------------------------------------------------------------------
 
 def load_predictor(model: Any, device: str = "cpu"):
-    """A StudentPredictor from a predictor/model object, a student folder (trained or pulled), or
-    a registry reference (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``, ``models:/...``)."""
-    from distillery.registry.pull import pull, student_dir
-    from distillery.students.serving.predictor import StudentPredictor
-
+    """A StudentPredictor from a predictor or model object, or a student folder (trained or
+    pulled; a registry reference is ``registry.pull.load_predictor``)."""
     if not isinstance(model, (str, Path)):
         return as_predictor(model)
-    if Path(model).is_dir():
-        return StudentPredictor.load(student_dir(model), device=device)
-    with tempfile.TemporaryDirectory(prefix="distillery-eval-") as tmp:
-        folder = pull(str(model), Path(tmp) / "pulled")
-        return StudentPredictor.load(student_dir(folder), device=device)
+    return StudentPredictor.load(student_dir(model), device=device)
 
 
-def nodes_of_type(spec, kind: str) -> list[str]:
-    """The spec's teacher nodes of one type (``yolo`` | ``rag`` | ``llm``), in topological order."""
-    return [n for n in spec.topological_order() if spec.teachers[n].type == kind]
+def read_schema(folder: str | Path):
+    """The student's schema (its graph's nodes, class names, documents) from its config.json,
+    without loading the model."""
+    from distillery.students.model.schema import StudentSchema
+
+    config = json.loads((student_dir(folder) / "config.json").read_text())
+    return StudentSchema.from_dict(config["schema"])
 
 
-def retrieval_k(spec) -> dict[str, int]:
-    return {n: int(getattr(spec.teachers[n], "top_k", 5)) for n in nodes_of_type(spec, "rag")}
+def class_names(schema) -> dict[str, list[str]]:
+    """Per yolo node of a student schema: its class names by class id."""
+    return {n: list(node.get("class_names") or []) for n, node in schema.nodes.items() if node["type"] == "yolo"}
 
 
-# ---------------------------------------------------------------------------------------------
-# Ground truth of the demo world
-# ---------------------------------------------------------------------------------------------
-
-def truth_outputs(spec, image: dict, request: dict) -> dict[str, dict]:
-    """Teacher-shaped truth for one demo request: boxes (normalized xyxy), classes and masks for
-    each yolo node; the needed documents for each rag node; the answer for the final llm node."""
-    objects = image["objects"]
-    det = {"boxes": [o["box_norm"] for o in objects], "classes": [o["class_id"] for o in objects],
-           "masks": [o["mask"] for o in objects]}
-    out: dict[str, dict] = {n: det for n in nodes_of_type(spec, "yolo")}
-    out |= {n: {"ids": list(request["needed_docs"])} for n in nodes_of_type(spec, "rag")}
-    llm = nodes_of_type(spec, "llm")
-    if llm:
-        out[llm[-1]] = {"answer": request["answer"]}
-    return out
+def nodes_of_type(graph, kind: str) -> list[str]:
+    """The graph's nodes of one type (``yolo`` | ``rag`` | ``llm``), in topological order."""
+    return [n for n, k in node_types(graph).items() if k == kind]
 
 
-def image_key(path: str | Path) -> str:
-    """``images/00012.png`` from a record's image path or an annotation's file."""
-    return "/".join(Path(path).parts[-2:])
+def retrieval_k(graph) -> dict[str, int]:
+    """recall@k of each rag node: its own top_k (spec or schema)."""
+    if hasattr(graph, "teachers"):
+        return {n: int(getattr(graph.teachers[n], "top_k", 5)) for n in nodes_of_type(graph, "rag")}
+    return {n: int(graph.nodes[n].get("top_k", 5)) for n in nodes_of_type(graph, "rag")}
 
 
-def demo_ground_truth(spec, world, split: str, records: Sequence) -> tuple[list[dict | None], list[str | None]]:
-    """Per record: its truth (``truth_outputs``) and question type, matched on image + question;
-    None for a record that is not one of the split's requests."""
-    ann = world.annotations(split)
-    images = {image_key(im["file"]): im for im in ann["images"]}
-    requests = {(image_key(r["image"]), r["question"]): r for r in ann["requests"]}
-    truth, types = [], []
-    for rec in records:
-        req = requests.get((image_key(rec.image_path), rec.question))
-        truth.append(None if req is None else truth_outputs(spec, images[image_key(req["image"])], req))
-        types.append(None if req is None else req["type"])
-    return truth, types
+def question_openings(records: Sequence, words: int = 2) -> list[str | None]:
+    """A stand-in question type where none is labelled: the question's first words ("how many")."""
+    return [" ".join(r.question.lower().rstrip("?").split()[:words]) or None for r in records]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +103,12 @@ def _answers(outputs: Sequence[dict], node: str) -> list[str]:
     return [str((o.get(node) or {}).get("answer", "")) for o in outputs]
 
 
-def evaluate_model(model_ref_or_dir: Any, spec, records: Sequence, ground_truth: Sequence[dict | None] | None = None,
+def evaluate_model(model: Any, graph, records: Sequence, ground_truth: Sequence[dict | None] | None = None,
                    *, types: Sequence[str | None] | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Student vs teacher per node (+ token KL on the teacher's text); with ``ground_truth``
     (aligned with ``records``; None where unknown) the same metrics vs truth for the student and
-    the teacher side by side, and ``retained``; with ``types`` the answers per question type."""
+    the teacher side by side, and ``retained``; with ``types`` the answers per question type.
+    ``model``: a predictor, a model or a student folder; ``graph``: a spec or a student schema."""
     if ground_truth is not None and len(ground_truth) != len(records):
         raise ValueError(f"evaluate_model: {len(ground_truth)} ground truths for {len(records)} records "
                          "(align them with the records, None where unknown)")
@@ -131,17 +118,28 @@ def evaluate_model(model_ref_or_dir: Any, spec, records: Sequence, ground_truth:
     records = [records[i] for i in keep]
     ground_truth = None if ground_truth is None else [ground_truth[i] for i in keep]
     types = None if types is None else [types[i] for i in keep]
-    predictor = load_predictor(model_ref_or_dir)
-    nodes = [n for n in spec.topological_order() if n in predictor.model.schema.nodes]
+    predictor = load_predictor(model)
+    nodes = [n for n in node_types(graph) if n in predictor.model.schema.nodes]
     preds = predict_records(predictor, records, batch_size)
-    report = evaluate_predictions(spec, records, preds, ground_truth, types=types, nodes=nodes)
+    report = evaluate_predictions(graph, records, preds, ground_truth, types=types, nodes=nodes)
     for node, kl in teacher_text_kl(predictor.model, records, batch_size).items():
         report["student_vs_teacher"].setdefault(node, {})["token_kl"] = kl
     report["headline"] = headline_metrics(report["student_vs_teacher"])
     return report
 
 
-def evaluate_predictions(spec, records: Sequence, preds: Sequence[dict], ground_truth: Sequence[dict | None] | None = None,
+def masks_where_labelled(outputs: Sequence[dict], truth: Sequence[dict]) -> list[dict]:
+    """``outputs`` without the masks of the detection nodes whose truth has none (boxes-only
+    labels): their masks are not compared with the truth."""
+    boxes = {n for t in truth for n, o in t.items() if "boxes" in o}
+    unmasked = boxes - {n for t in truth for n, o in t.items() if "masks" in o}
+    if not unmasked:
+        return list(outputs)
+    return [{n: {k: v for k, v in o.items() if k != "masks"} if n in unmasked and isinstance(o, dict) else o
+             for n, o in out.items()} for out in outputs]
+
+
+def evaluate_predictions(graph, records: Sequence, preds: Sequence[dict], ground_truth: Sequence[dict | None] | None = None,
                          *, types: Sequence[str | None] | None = None, nodes: Sequence[str] | None = None
                          ) -> dict[str, Any]:
     """``evaluate_model`` on given student outputs (``preds[i]``: node -> output for records[i])."""
@@ -149,18 +147,20 @@ def evaluate_predictions(spec, records: Sequence, preds: Sequence[dict], ground_
         raise ValueError(f"evaluate_predictions: {len(preds)} predictions for {len(records)} records")
     if ground_truth is not None and len(ground_truth) != len(records):
         raise ValueError(f"evaluate_predictions: {len(ground_truth)} ground truths for {len(records)} records")
-    nodes = list(nodes) if nodes is not None else spec.topological_order()
+    kinds = node_types(graph)
+    nodes = list(nodes) if nodes is not None else list(kinds)
     teacher = [r.outputs for r in records]
-    ks = retrieval_k(spec)
+    ks = retrieval_k(graph)
     report: dict[str, Any] = {"n_records": len(records), "nodes": nodes,
                               "student_vs_teacher": compare_outputs(preds, teacher, nodes, k=ks)}
     if ground_truth is not None:
         known = [i for i, t in enumerate(ground_truth) if t is not None]
-        truth = [ground_truth[i] for i in known]
-        report["student_vs_truth"] = evaluate_against_truth([preds[i] for i in known], truth, k=ks)
-        report["teacher_vs_truth"] = evaluate_against_truth([teacher[i] for i in known], truth, k=ks)
+        truth = [{n: o for n, o in ground_truth[i].items() if n in nodes} for i in known]
+        for side, outputs in (("student_vs_truth", preds), ("teacher_vs_truth", teacher)):
+            report[side] = evaluate_against_truth(masks_where_labelled([outputs[i] for i in known], truth),
+                                                  truth, k=ks)
         report["retained"] = retained(report["student_vs_truth"], report["teacher_vs_truth"])
-    llm = [n for n in nodes if spec.teachers[n].type == "llm"]
+    llm = [n for n in nodes if kinds[n] == "llm"]
     if types is not None and llm:
         truth_answers = None if ground_truth is None else [
             None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]
@@ -171,7 +171,73 @@ def evaluate_predictions(spec, records: Sequence, preds: Sequence[dict], ground_
 
 
 # ---------------------------------------------------------------------------------------------
-# Showing: rows, a rich table, MLflow, Prefect
+# On a held-out inputs folder
+# ---------------------------------------------------------------------------------------------
+
+def graph_fingerprint(folder: str | Path, spec=None) -> str:
+    """The teacher graph whose traces the student is evaluated on: the spec's, else the one the
+    student was distilled from (its lineage.json)."""
+    from distillery.teachers.graph import TeacherGraph
+
+    lineage_file = student_dir(folder) / "lineage.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    if spec is not None:
+        fingerprint = TeacherGraph(spec.teachers).fingerprint
+        if lineage.get("graph_fingerprint") not in (None, fingerprint):
+            warnings.warn(f"{folder} was distilled from teacher graph {lineage['graph_fingerprint']}; evaluating it "
+                          f"on the traces of the spec's graph {fingerprint}", stacklevel=2)
+        return fingerprint
+    if not lineage.get("graph_fingerprint"):
+        raise ValueError(f"{folder}: no lineage.json naming the teacher graph it was distilled from; "
+                         "give the spec of that graph")
+    return str(lineage["graph_fingerprint"])
+
+
+def held_out_records(inputs: str | Path, traces: str, labels: Labels, fingerprint: str, spec=None) -> list:
+    """The records of the inputs folder's requests in ``traces`` (teacher graph ``fingerprint``);
+    with ``spec``, the inputs not yet in the store are recorded first (teachers load only then).
+    ValueError naming the command that records them when some are missing."""
+    from distillery.teachers.record import record
+    from distillery.teachers.store import TraceStore, parse_traces_ref
+
+    if not labels.requests:
+        raise ValueError(f"inputs {inputs}: no requests.jsonl lines and no images to evaluate on")
+    uri, version = parse_traces_ref(str(traces))
+    if spec is not None and version is None:
+        record(spec, str(inputs), uri)
+    store = TraceStore(uri)
+    found = store.read(version, fingerprint=fingerprint) if store.version is not None else []
+    records, missing = labels.select(found)
+    if missing:
+        raise ValueError(f"trace store {traces}: {len(missing)} of the {len(labels.requests)} inputs of {inputs} "
+                         f"(first: {missing[0].where}) have no trace of teacher graph {fingerprint}; record "
+                         f"them first: distillery record SPEC --inputs {inputs} --traces {traces} (or give the spec "
+                         "and they are recorded)")
+    return [r for r in records if r.status == "ok"]
+
+
+def evaluate_inputs(student: str | Path, inputs: str | Path, traces: str, spec=None, *,
+                    batch_size: int = 16) -> dict[str, Any]:
+    """A student folder on a held-out inputs folder: its labels (``truth.read_labels``: a bad
+    label file is a ValueError before any model loads), the records of its requests in
+    ``traces`` (``URI`` or ``URI@VERSION``; recorded first when ``spec`` is given and no version
+    is pinned), then ``evaluate_model`` with the truth aligned to them. The graph is ``spec`` or
+    the student's own schema; the detector's class names are the student's."""
+    labels = read_labels(inputs)
+    folder = student_dir(student)
+    schema = read_schema(folder)
+    fingerprint = graph_fingerprint(folder, spec)
+    records = held_out_records(inputs, traces, labels, fingerprint, spec)
+    graph = spec if spec is not None else schema
+    truth = align(labels, graph, records, class_names(schema))
+    report = evaluate_model(folder, graph, records, truth.outputs if any(truth.outputs) else None,
+                            types=truth.types if any(truth.types) else None, batch_size=batch_size)
+    return report | {"inputs": str(inputs), "traces": str(traces), "graph_fingerprint": fingerprint,
+                     "labels": truth.summary()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Showing: rows, a rich table, a bar chart
 # ---------------------------------------------------------------------------------------------
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -230,104 +296,3 @@ def bar_chart(report: dict[str, Any]):
     ax.set_title("fidelity per node")
     fig.tight_layout()
     return fig
-
-
-def log_evaluation(report: dict[str, Any], run_id: str | None = None, prefix: str = "eval") -> str:
-    """Metrics (``eval.student_vs_teacher.<node>.<metric>`` ...), a bar chart and
-    ``evaluation.json`` into MLflow: the given run, the active one, or a new run. Returns its id."""
-    import mlflow
-
-    from distillery.registry.models import use_store
-
-    active = mlflow.active_run()
-    if run_id is None and active is not None:
-        run_id = active.info.run_id
-    if run_id is None:
-        use_store()
-    with mlflow.start_run(run_id=run_id, nested=active is not None and run_id != active.info.run_id) as run:
-        metrics = {}
-        for comp in (*COMPARISONS, "retained"):
-            metrics |= flat_metrics(report.get(comp, {}), prefix=f"{prefix}.{comp}")
-        metrics |= flat_metrics({t: {k: v for k, v in row.items() if k != "n"}
-                                 for t, row in report.get("by_type", {}).items()}, prefix=f"{prefix}.by_type")
-        mlflow.log_metrics(metrics)  # names already valid (recall@k -> recall_at_k)
-        fig = bar_chart(report)
-        mlflow.log_figure(fig, f"{prefix}/fidelity_per_node.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        mlflow.log_dict(report, f"{prefix}/evaluation.json")
-        return run.info.run_id
-
-
-def publish_table(report: dict[str, Any], key: str = "student-evaluation") -> Any:
-    """A Prefect table artifact of ``report_rows`` when called inside a flow or task run; else None."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return None
-    from prefect.artifacts import create_table_artifact
-
-    return create_table_artifact(table=report_rows(report), key=key,
-                                 description=f"Student fidelity per node on {report.get('n_records')} records")
-
-
-# ---------------------------------------------------------------------------------------------
-# distillery eval
-# ---------------------------------------------------------------------------------------------
-
-def demo_setup(workdir: Path, preset: str, seed: int | None = None):
-    """The demo world (``seed``: a fresh one) and its teachers under ``workdir``; (world, spec)."""
-    import json
-
-    from distillery.demo.pipeline import write_spec
-    from distillery.demo.teachers import ensure_teachers
-    from distillery.demo.world import WorldConfig, build_world
-    from distillery.flows.spec import load_spec
-
-    report = workdir / "report.json"
-    if seed is None and report.exists() and json.loads(report.read_text()).get("preset") not in (None, preset):
-        raise ValueError(f"{workdir} holds a demo of another preset; pass --preset "
-                         f"{json.loads(report.read_text())['preset']} or another --workdir")
-    cfg = WorldConfig.preset(preset) if seed is None else WorldConfig.preset(preset, seed=seed)
-    world = build_world(cfg, workdir / ("world" if seed is None else f"world-seed{seed}"))
-    base_world = world if seed is None else build_world(WorldConfig.preset(preset), workdir / "world")
-    teachers = ensure_teachers(base_world, preset, workdir / "teachers")
-    name = "spec.yaml" if seed is None else f"spec-seed{seed}.yaml"
-    spec_path = write_spec(workdir / name, f"shapes-{preset}", teachers.yolo_weights, world.kb_path,
-                           teachers.llm_dir, preset)
-    return world, load_spec(spec_path)
-
-
-def record_split(spec, world, split: str, traces: Path) -> list:
-    """The split's teacher records (recorded now unless the store already holds them)."""
-    from distillery.teachers.record import record
-    from distillery.teachers.store import TraceStore
-
-    summary = record(spec, str(world.split_dir(split)), str(traces))
-    return TraceStore(str(traces)).read(fingerprint=summary.fingerprint, status="ok")
-
-
-def run_eval(model_uri: str, split: str = "test", workdir: Path | None = None, preset: str = "full",
-             seed: int | None = None, log: bool = False) -> dict[str, Any]:
-    """Evaluate a registered model (or a student folder) on a split of the demo world; print a
-    table and return the report. ``workdir`` (default: the demo's) keeps the world, teachers and
-    traces, so a run after ``distillery demo`` reuses them; ``seed``: a fresh world instead."""
-    from distillery.demo.pipeline import default_workdir
-    from distillery import runtime
-    from distillery.registry.models import use_store
-
-    runtime.configure()
-    workdir = Path(workdir or default_workdir()).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    world, spec = demo_setup(workdir, preset, seed)
-    use_store(spec.registry.resolve_tracking_uri(workdir / "runs"))  # the demo's registry
-    tag = split if seed is None else f"seed{seed}-{split}"
-    records = record_split(spec, world, split, workdir / f"traces-{tag}.lance")
-    truth, types = demo_ground_truth(spec, world, split, records)
-    report = evaluate_model(model_uri, spec, records, truth, types=types)
-    report |= {"model": str(model_uri), "split": split, "preset": preset, "seed": world.config.seed}
-    print_table(report, title=f"{model_uri} on {preset} world (seed {world.config.seed}), split {split}")
-    if log:
-        report["mlflow_run_id"] = log_evaluation(report)
-    return report

@@ -1,50 +1,39 @@
 """Ground truth from a user's own labelled inputs, aligned to the teacher records of those inputs.
 
-An inputs folder (what ``distillery record`` reads) may carry labels in the formats the field
-uses. Any of them may be missing: a node is compared with the truth only where its labels are.
+An inputs folder may carry labels in the formats the field uses; any may be missing, and a node
+is compared with the truth only where its labels are:
 
-* ``requests.jsonl``: optional fields on a request line::
+* ``requests.jsonl`` lines: optional ``answer`` (the final llm node's; a number is read as text),
+  ``type`` (groups answers per question type), ``documents`` (each rag node's relevant ids);
+* ``annotations.json`` beside it: COCO ``images`` (file_name relative to the folder, width,
+  height), ``annotations`` (bbox [x, y, w, h] in pixels, optional polygons or RLE, iscrowd) and
+  ``categories``, matched BY NAME (case and spacing ignored) to each yolo node's class names.
 
-      {"image": "images/a.png", "question": "How many pumps?",
-       "answer": "2",                  # the final llm node's truth (a number is read as text)
-       "type": "count",                # groups the answers per question type
-       "documents": ["doc-7", 12]}     # each rag node's truth: the relevant document ids
-
-* ``annotations.json``: COCO detection / segmentation: ``images`` (id, file_name relative to
-  the folder, width, height), ``annotations`` (id, image_id, category_id, bbox [x, y, w, h] in
-  pixels, optional segmentation as polygons or RLE, iscrowd), ``categories`` (id, name).
-
-Categories are matched BY NAME (case and spacing ignored) to each yolo node's class names; an
-object of a category the detector does not know is left out (and counted in ``Truth.summary``),
-and so are ``iscrowd`` regions. An image in the COCO file with no annotation is labelled "no
-objects"; an image not in it is unlabelled. Masks are compared only when every object has one.
+An object of a category the detector does not know is left out, as are ``iscrowd`` regions
+(both counted in ``Truth.summary``); an image in the COCO file without annotations has no
+objects, one not in it is unlabelled; masks are compared only when every object has one.
 
     labels = read_labels("held-out/")          # ValueError naming the file and line / entry
     truth = align(labels, spec, records)       # per record {node: teacher-shaped truth} or None
     evaluate_model(student, spec, records, truth.outputs, types=truth.types)
 
-A record is matched to its request line on the image path (relative to the inputs folder) and
-the question, else on its input id (the hash of the image bytes and the question), so traces
-recorded from a copy of the folder elsewhere still match.
+A record matches its request line on the image path and question, else on its input id (the
+hash of the image bytes and question: traces recorded from a copy of the folder still match).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from distillery import rle
 from distillery.teachers.inputs import IMAGE_SUFFIXES, REQUESTS_FILE
 from distillery.teachers.records import make_input_id
 
@@ -105,7 +94,7 @@ def read_request_labels(path: Path) -> list[RequestLabels]:
     """The requests of a requests.jsonl and their labels. A line that is no request at all is
     left to the record step (which quarantines it); a label of the wrong type is a ValueError."""
     out = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
         try:
             entry = json.loads(text) if text.strip() else None
@@ -128,79 +117,49 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_images(images: Any, where: str) -> dict[int, dict]:
-    if not isinstance(images, list):
-        raise ValueError(f"{where}: 'images' must be a list")
-    out, names = {}, set()
-    for i, im in enumerate(images):
-        at = f"{where} images[{i}]"
-        if not isinstance(im, dict) or not _int(im.get("id")):
-            raise ValueError(f"{at}: expected an object with an integer 'id'")
-        at += f" (id {im['id']})"
-        if not isinstance(im.get("file_name"), str) or not im["file_name"].strip():
-            raise ValueError(f"{at}: 'file_name' must be a non-empty path string")
-        if not all(_int(im.get(k)) and im[k] > 0 for k in ("width", "height")):
-            raise ValueError(f"{at}: 'width' and 'height' must be positive integers (pixels)")
-        if im["id"] in out or im["file_name"] in names:
-            raise ValueError(f"{at}: duplicate image id or file_name {im['file_name']!r}")
-        out[im["id"]] = im
-        names.add(im["file_name"])
-    return out
-
-
-def _check_categories(categories: Any, where: str) -> dict[int, dict]:
-    if not isinstance(categories, list):
-        raise ValueError(f"{where}: 'categories' must be a list")
-    out = {}
-    for i, cat in enumerate(categories):
-        at = f"{where} categories[{i}]"
-        if not isinstance(cat, dict) or not _int(cat.get("id")) or not isinstance(cat.get("name"), str) \
-                or not cat["name"].strip():
-            raise ValueError(f"{at}: expected an object with an integer 'id' and a non-empty 'name'")
-        if cat["id"] in out:
-            raise ValueError(f"{at}: duplicate category id {cat['id']}")
-        out[cat["id"]] = cat
-    return out
+def _entries(data: dict, key: str, where: str) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for each entry of a COCO list: objects with a unique integer id."""
+    if not isinstance(data.get(key, []), list):
+        raise ValueError(f"{where}: '{key}' must be a list")
+    seen: set[int] = set()
+    for i, entry in enumerate(data.get(key, [])):
+        if not isinstance(entry, dict) or not _int(entry.get("id")) or entry["id"] in seen:
+            raise ValueError(f"{where} {key}[{i}]: expected an object with an integer 'id' of its own")
+        seen.add(entry["id"])
+        yield f"{where} {key}[{i}] (id {entry['id']})", entry
 
 
 def _check_segmentation(seg: Any, image: dict, at: str) -> None:
     """Polygons ``[[x1, y1, x2, y2, x3, y3, ...], ...]`` or an RLE at the image's size."""
     h, w = image["height"], image["width"]
     if isinstance(seg, list):
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(map(_number, poly)):
-                raise ValueError(f"{at}: a segmentation polygon is a list of at least 3 x, y pairs (pixels)")
+        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_number, p)) for p in seg):
+            raise ValueError(f"{at}: a segmentation polygon is a list of at least 3 x, y pairs (pixels)")
         return
     if not isinstance(seg, dict) or seg.get("size") != [h, w]:
         raise ValueError(f"{at}: 'segmentation' must be polygons or an RLE {{'size': [{h}, {w}], 'counts': ...}} "
                          "at the image's size")
     counts = seg.get("counts")
-    if isinstance(counts, list):
-        if not all(_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
-            raise ValueError(f"{at}: uncompressed RLE counts must be non-negative integers summing to {h * w}")
-    elif not isinstance(counts, str) or not counts:
+    if isinstance(counts, list) and (not all(_int(c) and c >= 0 for c in counts) or sum(counts) != h * w):
+        raise ValueError(f"{at}: uncompressed RLE counts must be non-negative integers summing to {h * w}")
+    if not isinstance(counts, list) and (not isinstance(counts, str) or not counts):
         raise ValueError(f"{at}: RLE 'counts' must be a string (compressed) or a list of integers")
 
 
-def _check_annotation(ann: Any, i: int, images: dict, categories: dict, where: str) -> bool:
+def _check_annotation(ann: dict, at: str, images: dict, categories: dict) -> bool:
     """Check one annotation; whether it carries a mask."""
-    at = f"{where} annotations[{i}]"
-    if not isinstance(ann, dict) or not _int(ann.get("id")):
-        raise ValueError(f"{at}: expected an object with an integer 'id'")
-    at += f" (id {ann['id']})"
-    if ann.get("image_id") not in images or isinstance(ann.get("image_id"), bool):
+    if not _int(ann.get("image_id")) or ann["image_id"] not in images:
         raise ValueError(f"{at}: image_id {ann.get('image_id')!r} is not an image of the file")
-    if ann.get("category_id") not in categories or isinstance(ann.get("category_id"), bool):
+    if not _int(ann.get("category_id")) or ann["category_id"] not in categories:
         raise ValueError(f"{at}: category_id {ann.get('category_id')!r} is not a category of the file")
     box = ann.get("bbox")
     if not isinstance(box, list) or len(box) != 4 or not all(map(_number, box)) or box[2] < 0 or box[3] < 0:
         raise ValueError(f"{at}: 'bbox' must be [x, y, width, height] in pixels (width, height >= 0)")
     if ann.get("iscrowd", 0) not in (0, 1):
         raise ValueError(f"{at}: 'iscrowd' must be 0 or 1")
-    seg = ann.get("segmentation")
-    if seg is None or seg == []:
+    if ann.get("segmentation") in (None, []):
         return False
-    _check_segmentation(seg, images[ann["image_id"]], at)
+    _check_segmentation(ann["segmentation"], images[ann["image_id"]], at)
     return True
 
 
@@ -209,32 +168,36 @@ def read_coco(path: Path) -> tuple[COCO, bool]:
     every (non-crowd) object has a mask."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}: not valid JSON{where}") from None
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{path}: expected a COCO object with 'images', 'annotations' and 'categories'")
-    data.setdefault("annotations", [])
-    data.setdefault("categories", [])
-    images = _check_images(data["images"], str(path))
-    categories = _check_categories(data["categories"], str(path))
-    if not isinstance(data["annotations"], list):
-        raise ValueError(f"{path}: 'annotations' must be a list")
-    ids: set[int] = set()
-    with_mask = []
-    for i, ann in enumerate(data["annotations"]):
-        has_mask = _check_annotation(ann, i, images, categories, str(path))
-        if ann["id"] in ids:
-            raise ValueError(f"{path} annotations[{i}]: duplicate annotation id {ann['id']}")
-        ids.add(ann["id"])
+    images, categories, files = {}, {}, set()
+    for at, im in _entries(data, "images", str(path)):
+        if not isinstance(im.get("file_name"), str) or not im["file_name"].strip() or im["file_name"] in files:
+            raise ValueError(f"{at}: 'file_name' must be a path string no other image has")
+        if not all(_int(im.get(k)) and im[k] > 0 for k in ("width", "height")):
+            raise ValueError(f"{at}: 'width' and 'height' must be positive integers (pixels)")
+        images[im["id"]] = im
+        files.add(im["file_name"])
+    for at, cat in _entries(data, "categories", str(path)):
+        if not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            raise ValueError(f"{at}: 'name' must be a non-empty string")
+        categories[cat["id"]] = cat
+    masked = []  # per non-crowd object: whether it has a mask
+    for at, ann in _entries(data, "annotations", str(path)):
+        has_mask = _check_annotation(ann, at, images, categories)
         if not ann.get("iscrowd"):
-            with_mask.append(has_mask)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco.createIndex()
-    return coco, bool(with_mask) and all(with_mask)
+            masked.append(has_mask)
+    coco = COCO()  # indexed here: createIndex would print (into a flow's log)
+    coco.dataset = {"annotations": [], "categories": [], **data}
+    coco.imgs, coco.cats = images, categories
+    coco.anns = {ann["id"]: ann for ann in coco.dataset["annotations"]}
+    for ann in coco.anns.values():
+        coco.imgToAnns[ann["image_id"]].append(ann)
+        coco.catToImgs[ann["category_id"]].append(ann["image_id"])
+    return coco, bool(masked) and all(masked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,21 +216,21 @@ class Labels:
     _by_path: dict = field(default_factory=dict, repr=False)
     _by_id: dict | None = field(default=None, repr=False)
     _images: dict = field(default_factory=dict, repr=False)
+    _bare: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._by_path = {(r.image, r.question): r for r in self.requests}
         if self.coco is None:
             return
         self._images = {path_key(self.root / im["file_name"]): i for i, im in self.coco.imgs.items()}
-        bare = Counter(Path(im["file_name"]).name for im in self.coco.imgs.values())
-        self._images |= {("name", im["file_name"]): i for i, im in self.coco.imgs.items()
-                         if "/" not in im["file_name"] and bare[im["file_name"]] == 1}
+        bare = Counter(im["file_name"] for im in self.coco.imgs.values() if "/" not in im["file_name"])
+        self._bare = {im["file_name"]: i for i, im in self.coco.imgs.items() if bare[im["file_name"]] == 1}
 
     def image_id(self, image: str) -> int | None:
-        """The COCO image of an image (its path_key): by file_name relative to the folder, or by
-        a bare file_name that names one image of the file."""
+        """The COCO image of an image (its path_key): by file_name relative to the folder, else
+        by a bare file_name (no folder part) that names one image of the file."""
         found = self._images.get(image)
-        return found if found is not None else self._images.get(("name", Path(image).name))
+        return found if found is not None else self._bare.get(Path(image).name)
 
     def match(self, record: Any) -> RequestLabels | None:
         """The request a record is of: same image path and question, else same input id."""
@@ -298,21 +261,24 @@ class Labels:
 
 
 def read_labels(inputs: str | Path) -> Labels:
-    """Read and check the labels of an inputs folder (none is fine). Raises ValueError naming
-    the file and line / entry for a bad label, before any model loads."""
-    root = Path(inputs)
+    """Read and check the labels of an inputs folder (or of a requests ``.jsonl`` file, with the
+    annotations beside it); none at all is fine. Raises ValueError naming the file and line /
+    entry of a bad label, before any model loads."""
+    path = Path(inputs)
+    requests_file = path if path.is_file() and path.suffix == ".jsonl" else path / REQUESTS_FILE
+    root = requests_file.parent
     if not root.is_dir():
-        raise ValueError(f"inputs {str(root)!r}: not a folder")
-    if (root / REQUESTS_FILE).is_file():
-        requests = read_request_labels(root / REQUESTS_FILE)
+        raise ValueError(f"inputs {str(path)!r}: not a folder")
+    if requests_file.is_file():
+        requests = read_request_labels(requests_file)
     else:
-        requests = [RequestLabels(p.name, path_key(p), None) for p in sorted(root.iterdir())
+        requests = [RequestLabels(str(p), path_key(p), None) for p in sorted(root.iterdir())
                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    path = root / ANNOTATIONS_FILE
-    if not path.is_file():
+    coco_file = root / ANNOTATIONS_FILE
+    if not coco_file.is_file():
         return Labels(root, requests)
-    coco, has_masks = read_coco(path)
-    return Labels(root, requests, coco, path, has_masks)
+    coco, has_masks = read_coco(coco_file)
+    return Labels(root, requests, coco, coco_file, has_masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,58 +288,74 @@ def read_labels(inputs: str | Path) -> Labels:
 @dataclass
 class Truth:
     """Per record (aligned with the records): its truth ``{node: output}`` or None, and its
-    question type or None; plus what was left out of the truth."""
+    question type or None; and per yolo node the objects left out of the truth, by category
+    (``(crowd)`` for iscrowd regions)."""
 
     outputs: list[dict | None]
     types: list[str | None]
-    unknown_categories: Counter = field(default_factory=Counter)
-    crowd: int = 0
+    left_out: dict[str, Counter] = field(default_factory=dict)
     masks: bool = False
 
     def summary(self) -> dict[str, Any]:
         """How much truth there is, per node, and what was left out of it (JSON)."""
         nodes = Counter(n for o in self.outputs if o for n in o)
         return {"records": len(self.outputs), "labelled": sum(o is not None for o in self.outputs),
-                "nodes": dict(nodes), "types": sum(t is not None for t in self.types),
-                "masks": self.masks, "crowd_left_out": self.crowd,
-                "unknown_categories": dict(self.unknown_categories)}
+                "nodes": dict(nodes), "types": sum(t is not None for t in self.types), "masks": self.masks,
+                "left_out": {n: dict(c) for n, c in self.left_out.items() if c}}
 
 
-def detector_classes(graph: Any, records: Sequence[Any],
-                     class_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, int]]:
+def weights_class_names(weights: str) -> list[str]:
+    """The class names (by id) a YOLO ``.pt`` checkpoint holds, read weights-only against
+    Ultralytics' allow-list as the yolo node checks it; [] for a model YAML or a bare name."""
+    path = Path(weights).expanduser()
+    if path.suffix != ".pt" or not path.is_file():
+        return []
+    from distillery import runtime
+
+    runtime.configure()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    names = getattr(ckpt.get("ema") or ckpt.get("model"), "names", None) or {}
+    names = dict(enumerate(names)) if isinstance(names, list) else names
+    return [str(names.get(i, i)) for i in range(max(names, default=-1) + 1)]
+
+
+def detector_classes(graph: Any, records: Sequence[Any], class_names: Mapping[str, Sequence[str]] | None = None,
+                     wanted: Sequence[str] = ()) -> dict[str, dict[str, int]]:
     """Per yolo node: class name (``class_key``) -> class id, from ``class_names`` (node -> names
     by id, e.g. a student schema's), the graph's own (a schema's ``class_names``) and the pairs
-    of class ids and labels in the teacher's outputs."""
+    of class ids and labels in the teacher's outputs; when a ``wanted`` name is still unknown
+    and the graph is a spec, from the node's weights (``weights_class_names``)."""
     out: dict[str, dict[str, int]] = {}
-    schema = getattr(graph, "nodes", None)
+    schema = getattr(graph, "nodes", None) or {}
     for node, kind in node_types(graph).items():
         if kind != "yolo":
             continue
         names: dict[str, int] = {}
-        known = list((class_names or {}).get(node) or []) + list((schema or {}).get(node, {}).get("class_names") or [])
-        for i, name in enumerate(known[:len((class_names or {}).get(node) or known)]):
-            names.setdefault(class_key(name), i)
+        for source in ((class_names or {}).get(node), schema.get(node, {}).get("class_names")):
+            for i, name in enumerate(source or []):
+                names.setdefault(class_key(name), i)
         for rec in records:
             o = rec.outputs.get(node) or {}
             for c, label in zip(np.asarray(o.get("classes", []), dtype=np.int64).tolist(), o.get("labels") or []):
                 names[class_key(label)] = int(c)
+        if hasattr(graph, "teachers") and any(class_key(w) not in names for w in wanted):
+            for i, name in enumerate(weights_class_names(graph.teachers[node].weights)):
+                names.setdefault(class_key(name), i)
         out[node] = names
     return out
 
 
 def _mask(coco: COCO, ann: dict) -> dict:
-    """An annotation's mask (polygons or RLE) as a stored RLE at its image's size."""
-    seg, im = ann["segmentation"], coco.imgs[ann["image_id"]]
-    if isinstance(seg, list):
-        return rle.from_polygons(seg, im["height"], im["width"])
-    if isinstance(seg["counts"], list):
-        seg = mask_utils.frPyObjects(seg, im["height"], im["width"])  # uncompressed -> compressed
-    counts = seg["counts"]
-    return {"size": [int(s) for s in seg["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes)
-            else counts}
+    """An annotation's mask (polygons, RLE or uncompressed RLE) as a stored RLE at its image's size."""
+    found = coco.annToRLE(ann)  # pycocotools: polygons merged, uncompressed RLE compressed
+    counts = found["counts"]
+    return {"size": [int(s) for s in found["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-def _detection(labels: Labels, image_id: int, classes: Mapping[str, int], truth: Truth) -> dict[str, Any]:
+def _detection(labels: Labels, image_id: int, classes: Mapping[str, int], left_out: Counter) -> dict[str, Any]:
     """One image's objects of known classes: normalized xyxy boxes, class ids, labels, masks."""
     coco = labels.coco
     im = coco.imgs[image_id]
@@ -382,11 +364,8 @@ def _detection(labels: Labels, image_id: int, classes: Mapping[str, int], truth:
     masks = []
     for ann in coco.imgToAnns.get(image_id, []):
         name = coco.cats[ann["category_id"]]["name"]
-        if ann.get("iscrowd"):
-            truth.crowd += 1
-            continue
-        if class_key(name) not in classes:
-            truth.unknown_categories[name] += 1
+        if ann.get("iscrowd") or class_key(name) not in classes:
+            left_out["(crowd)" if ann.get("iscrowd") else name] += 1
             continue
         x, y, bw, bh = ann["bbox"]
         out["boxes"].append([x / w, y / h, (x + bw) / w, (y + bh) / h])
@@ -418,8 +397,9 @@ def align(labels: Labels, graph: Any, records: Sequence[Any],
     yolo = [n for n, k in kinds.items() if k == "yolo"]
     rag = [n for n, k in kinds.items() if k == "rag"]
     final = [n for n, k in kinds.items() if k == "llm"][-1:]
-    classes = detector_classes(graph, records, class_names) if labels.coco is not None else {}
-    truth = Truth([], [], masks=labels.has_masks)
+    wanted = [c["name"] for c in labels.coco.cats.values()] if labels.coco is not None else []
+    classes = detector_classes(graph, records, class_names, wanted) if labels.coco is not None else {}
+    truth = Truth([], [], {node: Counter() for node in yolo}, masks=labels.has_masks)
     for rec in records:
         req = labels.match(rec)
         out: dict[str, dict] = {}
@@ -427,7 +407,7 @@ def align(labels: Labels, graph: Any, records: Sequence[Any],
         if image_id is not None:
             for node in yolo:
                 _check_size(labels, image_id, rec, node)
-                out[node] = _detection(labels, image_id, classes[node], truth)
+                out[node] = _detection(labels, image_id, classes[node], truth.left_out[node])
         if req is not None and req.documents is not None:
             out |= {node: {"ids": list(req.documents)} for node in rag}
         if req is not None and req.answer is not None:

@@ -22,27 +22,12 @@ import torch
 
 from distillery import runtime
 from distillery.students.data import batch_to, prepare_requests
+
 from distillery.students.model.student import MultimodalStudent
 from distillery.text import parse_output
 
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
-STUDENT_FILES = ("model.safetensors", "config.json")  # the least a student folder holds
-
-
-def student_dir(folder: str | Path) -> Path:
-    """The student inside a pulled folder (``folder/student``) or the folder itself, checked:
-    FileNotFoundError names the folder and what it lacks."""
-    folder = Path(folder)
-    model_dir = folder / "student" if (folder / "student").is_dir() else folder
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"student folder {model_dir}: not a directory")
-    missing = [f for f in STUDENT_FILES if not (model_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"student folder {model_dir}: missing {', '.join(missing)}")
-    return model_dir.resolve()
-
-
 class StudentPredictor:
     def __init__(self, model: MultimodalStudent, tokenizer, device: str | torch.device = "cpu", runner=None):
         self.device = torch.device(device)

@@ -205,6 +205,22 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
             "epochs": last.get("epoch", 0), "steps": last.get("step", 0)}
 
 
+SPEC_FILE = "spec.yaml"  # the spec the student was distilled with, beside it (eval reads it)
+
+
+def write_spec(out_dir: Path, spec: Spec) -> Path | None:
+    """The spec as ``out_dir/spec.yaml`` (tmp + rename), when it is a pydantic spec."""
+    import yaml
+
+    if not hasattr(spec, "model_dump"):
+        return None
+    path = Path(out_dir) / SPEC_FILE
+    tmp = path.with_name(f".{SPEC_FILE}.tmp")
+    tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (tmp + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -275,6 +291,7 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
         model.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
         write_json(out_dir / "lineage.json", lineage)
+        write_spec(out_dir, spec)
         if cfg.onnx_export:
             export_student_onnx(out_dir, [{"image": r.image_bytes, "question": r.question} for r in split.train[:64]])
     if ctx.distributed:
