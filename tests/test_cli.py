@@ -121,6 +121,7 @@ def test_the_printed_record_command_records_every_input(example, recorded):
 
 def test_train_on_a_pinned_version_prints_epochs_agreement_and_the_version_read(trained):
     result, out = trained["result"], trained["out"]
+    assert (Path(out) / "spec.yaml").is_file()  # the spec travels with the student (eval reads it)
     assert "epoch 1/" in result.output and "agreement with the teacher" in result.output
     assert "answer_em" in result.output and "map50" in result.output
     report = last_json(result.stdout)
@@ -219,13 +220,15 @@ def test_eval_on_held_out_inputs_reports_truth_and_retained(inputs_report, examp
 
 def test_eval_on_inputs_without_their_traces_says_how_to_record_them(example, trained, inputs_report, tmp_path):
     inputs = Path(example["dir"]) / "world" / "test"
-    result = invoke("eval", trained["out"], "--inputs", inputs)
+    student = Path(shutil.copytree(trained["out"], tmp_path / "student"))
+    (student / "spec.yaml").unlink()  # a student folder without the spec training saved beside it
+    result = invoke("eval", student, "--inputs", inputs)
     assert_clean_error(result, "--traces", f"distillery record SPEC --inputs {inputs}")
     missing = tmp_path / "none.lance"
-    result = invoke("eval", trained["out"], "--inputs", inputs, "--traces", missing)  # no spec with the student
+    result = invoke("eval", student, "--inputs", inputs, "--traces", missing)  # no spec with the student
     assert_clean_error(result, f"trace store {missing}", f"distillery record SPEC --inputs {inputs} --traces {missing}")
     traces = inputs_report["args"][inputs_report["args"].index("--traces") + 1]
-    result = invoke("eval", trained["out"], "--inputs", inputs, "--traces", traces, "--json")  # now recorded
+    result = invoke("eval", student, "--inputs", inputs, "--traces", traces, "--json")  # now recorded
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["spec"] is None  # the student's lineage named the teacher graph
 

@@ -190,7 +190,9 @@ def test_every_kind_of_bad_input_is_quarantined_by_the_flow_while_good_ones_are_
            {"image": "images/text.png", "question": "q?"}, {"image": "images/half.png", "question": "q?"},
            {"image": "images/bomb.png", "question": "q?"}, {"image": good, "question": "  "},
            {"image": good, "question": "x" * (spec.inputs.max_question_chars + 1)},
-           {"image": "images/rotated.jpg", "question": "How many hazards are there?"}]
+           {"image": "images/rotated.jpg", "question": "How many hazards are there?"},
+           {"image": "../outside.png", "question": "q?"}, {"image": good, "question": "ring\x07?"}]
+    (inputs.parent / "outside.png").write_bytes(_png(16, 16))  # a valid image, outside the inputs folder
     with open(inputs / "requests.jsonl", "ab") as f:
         f.write(b"".join(json.dumps(b).encode() + b"\n" for b in bad))
         f.write(b'{"image": "' + good.encode() + b'", "question": "caf\xe9?"}\n')  # latin-1
