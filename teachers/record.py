@@ -66,6 +66,10 @@ class RecordSummary:
     fingerprint: str = ""
     seconds: float = 0.0
     quarantined_inputs: list[dict] = field(default_factory=list)  # path, reason, detail
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per node whose outputs report ``usage`` (the ``openai`` node): the sums of its prompt and
+    completion tokens, requests and, where the spec gives prices, estimated cost (only requests
+    whose output was recorded count)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -141,7 +145,19 @@ def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
             summary.quarantined += 1
             reasons[rec.reason or "unknown"] += 1
             summary.quarantined_inputs.append({"image": rec.image_path, "reason": rec.reason, "detail": rec.detail})
+        add_usage(summary.usage, rec.outputs)
     summary.by_reason = dict(reasons)
+
+
+def add_usage(totals: dict[str, dict[str, float]], outputs: dict[str, dict]) -> None:
+    """Add each node output's numeric ``usage`` fields (tokens, requests, cost) to ``totals``."""
+    for node, out in outputs.items():
+        usage = out.get("usage") if isinstance(out, dict) else None
+        if isinstance(usage, dict):
+            node_totals = totals.setdefault(node, {})
+            for key, value in usage.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    node_totals[key] = node_totals.get(key, 0) + value
 
 
 ShardRunner = Callable[[TeacherGraph, int], RunNode]  # (graph, shard number) -> how its nodes run

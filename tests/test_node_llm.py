@@ -17,7 +17,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from distillery.teachers.base import ItemError, NodeInput
-from distillery.teachers.nodes.llm import Draft, LLMConfig, LLMNode, end_of_generation, select_draft
+from distillery.teachers.generation import Draft, select_draft
+from distillery.teachers.nodes.llm import LLMConfig, LLMNode, end_of_generation
 from distillery.text import normalize_answer, parse_output, split_reasoning
 
 # "abcdef": transformers' StopStringCriteria probes the vocabulary by encoding this prefix, so a

@@ -4,54 +4,41 @@ run: refuse prompts that do not fit the context -> one batched ``generate`` (gre
 ``num_samples`` drafts per prompt) -> per draft: cut at EOS / stop string, top-k log-probs of the
 raw model (``out.logits``, before temperature / top-p) -> parse think and answer -> with several
 drafts, keep one by majority vote or by mean log-prob (self-consistency, rejection sampling).
+Parsing, the top-k layout and draft selection are shared with the ``openai`` node
+(``distillery.teachers.generation``), so both record the same keys.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from distillery.text import normalize_answer, parse_output
-from distillery.teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, path_identity, register_node
+from distillery.teachers.base import ItemError, NodeInput, TeacherNode, path_identity, register_node
+from distillery.teachers.generation import GenerationConfig, assemble, generation_row, topk_layout
 
 
-class LLMConfig(NodeConfig):
+class LLMConfig(GenerationConfig):
     """Reasoning LLM teacher; records text, trace, answer, token ids and top-k log-probs."""
 
     type: Literal["llm"] = "llm"
     model: str = Field(description="transformers model: local folder or hub id.")
     revision: str | None = Field(None, description="Hub revision (commit) for hub ids.")
-    prompt: str = Field(description="Template citing {request.question} and {node.field}.")
     max_new_tokens: int = Field(256, ge=1, description="Length limit; hitting it flags truncation.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (end generation).")
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    num_samples: int = Field(1, ge=1, le=64, description="Drafts per input (rejection sampling).")
-    selection: Literal["majority", "logprob"] = Field(
-        "majority", description="How the kept draft is chosen when num_samples > 1."
-    )
     logprobs_k: int = Field(20, ge=1, le=1000, description="Top-k log-probs stored per token.")
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    seed: int = 0
     device: str | None = None
 
-    TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = ("prompt",)
-    OUTPUT_FIELDS: ClassVar[frozenset[str]] = frozenset({"prompt", "text", "think", "answer"})
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
 
     @model_validator(mode="after")
     def _drafts_need_sampling(self) -> "LLMConfig":
         if self.num_samples > 1 and not self.do_sample:
             raise ValueError("num_samples > 1 needs do_sample: true (greedy decoding repeats one draft)")
-        if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
         return self
 
     def identity(self) -> dict[str, str]:
@@ -61,35 +48,7 @@ class LLMConfig(NodeConfig):
         return out
 
 
-# -- pure helpers: parsing and draft selection -------------------------------------------------
-
-@dataclass
-class Draft:
-    text: str
-    answer: str
-    mean_logprob: float  # mean over generated tokens of the raw model's log-prob
-    truncated: bool
-
-
-def select_draft(drafts: list[Draft], selection: Literal["majority", "logprob"]) -> tuple[int, list[int]]:
-    """(index of the kept draft, votes per draft).
-
-    Only the best tier of drafts competes (and votes): finished drafts with an answer, else
-    finished ones, else all; the others get 0 votes, so a truncated draft never wins when a
-    finished one exists. ``majority``: most votes for the draft's normalized answer, ties broken
-    by the higher mean log-prob (self-consistency, Wang et al. 2022). ``logprob``: highest mean
-    log-prob."""
-    finished = [i for i, d in enumerate(drafts) if not d.truncated]
-    answered = [i for i in finished if normalize_answer(drafts[i].answer)]
-    eligible = answered or finished or list(range(len(drafts)))
-    counts = Counter(normalize_answer(drafts[i].answer) for i in eligible)
-    votes = [counts[normalize_answer(d.answer)] if i in eligible else 0 for i, d in enumerate(drafts)]
-    if selection == "majority":
-        kept = max(eligible, key=lambda i: (votes[i], drafts[i].mean_logprob))
-    else:
-        kept = max(eligible, key=lambda i: drafts[i].mean_logprob)
-    return kept, votes
-
+# -- pure helpers: where a generated row ends, its soft labels ---------------------------------------
 
 def end_of_generation(ids: list[int], eos_ids: set[int], pad_id: int | None, stop: list[str],
                       decode: Callable[[list[int]], str], max_new_tokens: int) -> tuple[int, str]:
@@ -232,32 +191,13 @@ class LLMNode(TeacherNode):
         cfg = self.config
         n, reason = end_of_generation(ids, self.eos_ids, self.tok.pad_token_id, cfg.stop, self.decode,
                                       cfg.max_new_tokens)
-        text = self.decode(ids[:n])
-        think, answer = parse_output(text, cfg.think_start, cfg.think_end, cfg.stop)
-        return {
-            "text": text,
-            "think": think,
-            "answer": answer,
-            "token_ids": np.asarray(ids[:n], dtype=np.int32),  # (T,)
-            "topk_ids": idx[:n].numpy().astype(np.int32),  # (T, k)
-            "topk_logprobs": vals[:n].numpy().astype(np.float16),  # (T, k), sorted descending
-            "truncated": reason == "length",
-            "finish_reason": reason,
-            "num_generated_tokens": n,
-            "mean_logprob": float(chosen[:n].mean()) if n else float("-inf"),
-        }
+        return generation_row(
+            self.decode(ids[:n]), reason, cfg, num_generated_tokens=n,
+            mean_logprob=float(chosen[:n].mean()) if n else float("-inf"),
+            token_ids=np.asarray(ids[:n], dtype=np.int32),  # (T,)
+            **topk_layout(idx[:n].numpy(), vals[:n].numpy()),  # (T, k) int32 ids, float16 log-probs
+        )
 
     def _assemble(self, prompt: str, num_prompt_tokens: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The output for one input: the kept draft's fields (+ every draft when there are several)."""
-        head = {"prompt": prompt, "num_prompt_tokens": num_prompt_tokens}
-        if len(rows) == 1:
-            return head | {k: v for k, v in rows[0].items() if k != "mean_logprob"}
-        drafts = [Draft(r["text"], r["answer"], r["mean_logprob"], r["truncated"]) for r in rows]
-        kept, votes = select_draft(drafts, self.config.selection)
-        out = head | {k: v for k, v in rows[kept].items() if k != "mean_logprob"}
-        out["drafts"] = [
-            {"text": r["text"], "answer": r["answer"], "mean_logprob": r["mean_logprob"],
-             "votes": votes[n], "kept": n == kept, "finish_reason": r["finish_reason"]}
-            for n, r in enumerate(rows)
-        ]
-        return out
+        return assemble({"prompt": prompt, "num_prompt_tokens": num_prompt_tokens}, rows, self.config.selection)
