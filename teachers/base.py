@@ -65,6 +65,12 @@ class ItemError(Exception):
     Returned (not raised) in place of an output; the graph quarantines that input only."""
 
 
+class RetryableError(ItemError):
+    """An input the node could not do this time (a server that kept failing or timing out for it):
+    returned like an ItemError, so the input is recorded with its reason (status ``retry``), and
+    the next run of the same inputs tries it again, replacing that record."""
+
+
 class TransientError(Exception):
     """A failure of the whole batch that a retry may cure (a model server that timed out, a lost
     connection). Raised, not returned: the (node, shard) task fails and Prefect retries it,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
 
-from distillery.teachers.base import TRANSIENT_ERRORS, ItemError, NodeConfig, NodeInput, TeacherNode, node_class
+from distillery.teachers.base import (TRANSIENT_ERRORS, ItemError, NodeConfig, NodeInput, RetryableError, TeacherNode,
+                                      node_class)
 from distillery.teachers.records import Request
 
 REQUEST_FIELDS = frozenset({"question", "image_path", "input_id"})
@@ -106,6 +107,7 @@ class NodeResult:
     output: dict[str, Any] | None
     error: str | None
     seconds: float
+    retry: bool = False  # the error is worth another try in a later run (RetryableError)
 
 
 class TeacherGraph:
@@ -183,8 +185,8 @@ class TeacherGraph:
             return [r for item in batch for r in TeacherGraph._run_batch(node, [item])]
         per = (time.perf_counter() - t0) / len(batch)
         return [
-            NodeResult(None, f"{node.name}: {o}", per) if isinstance(o, ItemError) else NodeResult(o, None, per)
-            for o in outs
+            NodeResult(None, f"{node.name}: {o}", per, isinstance(o, RetryableError)) if isinstance(o, ItemError)
+            else NodeResult(o, None, per) for o in outs
         ]
 
 

@@ -66,6 +66,7 @@ class RecordSummary:
     fingerprint: str = ""
     seconds: float = 0.0
     quarantined_inputs: list[dict] = field(default_factory=list)  # path, reason, detail
+    to_retry: int = 0  # of the quarantined: failed for now (status retry); the next run tries them again
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per node whose outputs report ``usage`` (the ``openai`` node): the sums of its prompt and
     completion tokens, requests and, where the spec gives prices, estimated cost (only requests
@@ -104,11 +105,13 @@ def shards(items: list, size: int) -> Iterator[list]:
 def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None) -> list[TeacherRecord]:
     """Run every node (topological order) over one shard and assemble its records.
 
-    A node that fails on an input quarantines that input; its downstream nodes skip it."""
+    A node that fails on an input quarantines that input (status ``retry`` when the node says a
+    later run may succeed); its downstream nodes skip it."""
     run_node = run_node or graph.run_node
     images = [r.image() for r in requests]
     upstream: list[dict[str, dict]] = [{} for _ in requests]
     errors: list[dict[str, str]] = [{} for _ in requests]
+    retry = [False] * len(requests)
     timings: list[dict[str, float]] = [{} for _ in requests]
     for name in graph.order:
         live = [i for i in range(len(requests)) if not errors[i]]
@@ -118,17 +121,19 @@ def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | 
         for i, res in zip(live, results):
             timings[i][name] = res.seconds
             if res.error is not None:
-                errors[i][name] = res.error
+                errors[i][name], retry[i] = res.error, res.retry
             else:
                 upstream[i][name] = res.output
-    return [assemble(graph.fingerprint, r, upstream[i], timings[i], errors[i]) for i, r in enumerate(requests)]
+    return [assemble(graph.fingerprint, r, upstream[i], timings[i], errors[i], retry[i])
+            for i, r in enumerate(requests)]
 
 
-def assemble(fingerprint: str, req: Request, outputs: dict, timings: dict, errors: dict) -> TeacherRecord:
+def assemble(fingerprint: str, req: Request, outputs: dict, timings: dict, errors: dict,
+             retry: bool = False) -> TeacherRecord:
     failed = next(iter(errors), None)
     return TeacherRecord(
         input_id=req.input_id, graph_fingerprint=fingerprint, image_path=req.image_path,
-        question=req.question, status="quarantined" if failed else "ok",
+        question=req.question, status=("retry" if retry else "quarantined") if failed else "ok",
         reason=f"node_error:{failed}" if failed else None,
         detail=errors[failed] if failed else None,
         image_bytes=req.image_bytes, outputs=outputs, timings=timings, errors=errors, created_at=_now(),
@@ -143,6 +148,7 @@ def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
             summary.written += 1
         else:
             summary.quarantined += 1
+            summary.to_retry += rec.status == "retry"
             reasons[rec.reason or "unknown"] += 1
             summary.quarantined_inputs.append({"image": rec.image_path, "reason": rec.reason, "detail": rec.detail})
         add_usage(summary.usage, rec.outputs)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from distillery.images import open_image
 
-Status = Literal["ok", "quarantined"]
+Status = Literal["ok", "quarantined", "retry"]  # retry: a node failed for now; the next run tries again
 
 
 def make_input_id(image_bytes: bytes, question: str) -> str:
@@ -65,7 +65,7 @@ class TeacherRecord:
     image_path: str
     question: str
     status: Status = "ok"
-    reason: str | None = None  # kind of failure when quarantined ("node_error:<node>", "too_many_pixels", ...)
+    reason: str | None = None  # kind of failure when quarantined or retry ("node_error:<node>", "too_many_pixels", ...)
     detail: str | None = None
     image_bytes: bytes = b""
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -59,6 +59,7 @@ SCHEMA = pa.schema([
     ("errors", pa.string()),
     ("created_at", pa.string()),
 ])
+RETRY = "retry"  # the status of a record a later run replaces
 KEY = ("input_id", "graph_fingerprint")
 _SAFETENSORS_KINDS = "biuf"  # bool, signed/unsigned int, float: what safetensors stores
 
@@ -222,42 +223,52 @@ class TraceStore:
             os.close(fd)  # closing releases the lock (so does the kernel if the process dies)
 
     @staticmethod
-    def _existing_keys(ds: lance.LanceDataset | None, fingerprints: set[str]) -> set[tuple[str, str]]:
-        """The stored (input_id, fingerprint) keys for these fingerprints (key columns only)."""
+    def _existing_keys(ds: lance.LanceDataset | None, fingerprints: set[str]) -> dict[tuple[str, str], str]:
+        """The stored (input_id, fingerprint) keys for these fingerprints, with their status."""
         if ds is None:
-            return set()
+            return {}
         in_batch = pc.field("graph_fingerprint").isin(sorted(fingerprints))
-        table = ds.to_table(columns=list(KEY), filter=in_batch)
-        return set(zip(table["input_id"].to_pylist(), table["graph_fingerprint"].to_pylist()))
+        table = ds.to_table(columns=[*KEY, "status"], filter=in_batch)
+        keys = zip(table["input_id"].to_pylist(), table["graph_fingerprint"].to_pylist())
+        return dict(zip(keys, table["status"].to_pylist()))
 
     def append(self, records: list[TeacherRecord]) -> int | None:
         """Commit the records not yet in the store, atomically; return the version after it.
 
         Records whose (input_id, graph_fingerprint) is already stored, or repeated earlier in
-        ``records``, are skipped; with nothing new, no commit is made and the version is unchanged."""
+        ``records``, are skipped, but one stored with status ``retry`` is replaced (in the same
+        commit, by a merge on the key); with nothing new, no commit is made and the version is
+        unchanged."""
         with self._writer_lock():
             ds = self._dataset()
-            seen = self._existing_keys(ds, {r.graph_fingerprint for r in records})
-            fresh = []
+            stored = self._existing_keys(ds, {r.graph_fingerprint for r in records})
+            fresh, seen, replaces = [], set(), False
             for rec in records:
                 key = (rec.input_id, rec.graph_fingerprint)
-                if key not in seen:
+                if key not in seen and stored.get(key, RETRY) == RETRY:
                     seen.add(key)
                     fresh.append(rec)
+                    replaces |= key in stored
             if not fresh:
                 return None if ds is None else ds.version
             table = encode_records(fresh)
+            if replaces:  # one commit: the retry records updated, the others inserted
+                ds.merge_insert(list(KEY)).when_matched_update_all(f"target.status = '{RETRY}'") \
+                    .when_not_matched_insert_all().execute(table)
+                return lance.dataset(self.uri).version
             # "create" also succeeds over the orphan files of a first commit that was killed.
             ds = lance.write_dataset(table, self.uri, mode="create" if ds is None else "append")
             return ds.version
 
     # -- reading -----------------------------------------------------------------------------
     def recorded_ids(self, fingerprint: str) -> set[str]:
-        """Input ids already recorded (ok or quarantined) for this graph fingerprint."""
+        """Input ids recorded for good (ok or quarantined) for this graph fingerprint; those with
+        status ``retry`` are not: a run tries them again."""
         ds = self._dataset()
         if ds is None:
             return set()
-        table = ds.to_table(columns=["input_id"], filter=pc.field("graph_fingerprint") == fingerprint)
+        done = (pc.field("graph_fingerprint") == fingerprint) & (pc.field("status") != RETRY)
+        table = ds.to_table(columns=["input_id"], filter=done)
         return set(table["input_id"].to_pylist())
 
     def read(self, version: int | None = None, *, fingerprint: str | None = None,

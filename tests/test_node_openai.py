@@ -291,6 +291,9 @@ def test_faults_quarantine_only_their_input_and_a_rerun_records_nothing_twice(se
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.27  # Retry-After: 0.3 honoured
     recs = {r.question.split()[-1]: r for r in TraceStore(traces).read()}
     assert {c for c, r in recs.items() if r.status == "ok"} == {"rate", "hang", "once", "fine"}
+    assert {c: r.status for c, r in recs.items() if r.status != "ok"} == {"down": "retry", "bad": "quarantined",
+                                                                           "leak": "quarantined"}
+    assert summary.to_retry == 1  # kept failing: a later run tries it again; the refused ones stay
     assert "HTTP 500" in recs["down"].detail and "after 3 attempts" in recs["down"].detail
     assert "malformed response body" in recs["bad"].detail and recs["bad"].input_id in recs["bad"].detail
     assert "HTTP 400" in recs["leak"].detail and "Bearer ***" in recs["leak"].detail
@@ -299,10 +302,16 @@ def test_faults_quarantine_only_their_input_and_a_rerun_records_nothing_twice(se
     assert usage["requests"] == 4 and usage["completion_tokens"] == 4 * ok["usage"]["completion_tokens"]
     assert usage["estimated_cost"] == pytest.approx((usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6)
 
-    server.script()
+    server.script()  # the server is well again: the rerun asks for the one input that kept failing
     again = record(spec, str(inputs), traces)
-    assert (again.written, again.quarantined, again.skipped) == (0, 0, 7)
-    assert counts(server) == {} and TraceStore(traces).count() == 7
+    assert (again.written, again.quarantined, again.skipped) == (1, 0, 6)
+    store = TraceStore(traces)
+    assert counts(server) == {"down": 1} and store.count() == 7  # replaced in place, not added
+    assert {r.question.split()[-1]: r.status for r in store.read()}["down"] == "ok"
+    assert store.count(store.versions()[-2]["version"]) == 7  # the version before it still reads whole
+    server.script()
+    third = record(spec, str(inputs), traces)
+    assert (third.written, third.skipped) == (0, 7) and counts(server) == {}
     assert_no_key(tmp_path, caplog.text, json.dumps(summary.to_json()), json.dumps(spec.model_dump()))
 
 

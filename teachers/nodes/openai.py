@@ -46,7 +46,7 @@ from typing import Any, Awaitable, Callable, ClassVar, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distillery.teachers.base import ItemError, NodeInput, TeacherNode, TransientError, register_node
+from distillery.teachers.base import ItemError, NodeInput, RetryableError, TeacherNode, TransientError, register_node
 from distillery.teachers.generation import GenerationConfig, assemble, generation_row, topk_layout
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,13 @@ class OpenAIConfig(GenerationConfig):
 
 
 class RequestFailed(Exception):
-    """One request that failed for good; ``connect``: it never reached the server."""
+    """One request that failed in this run; ``connect``: it never reached the server;
+    ``retryable``: it kept failing in a way a later run may not (5xx, 429, timeouts, lost
+    connections, after every retry), so the input is recorded for a later run to try again."""
 
-    def __init__(self, message: str, connect: bool = False):
+    def __init__(self, message: str, connect: bool = False, retryable: bool = False):
         super().__init__(message)
-        self.connect = connect
+        self.connect, self.retryable = connect, retryable
 
 
 def run_coroutine(factory: Callable[[], Awaitable[T]]) -> T:
@@ -259,7 +261,8 @@ class OpenAINode(TeacherNode):
         if failed and len(failed) == len(outs) and all(f.connect for f in failed):
             raise TransientError(f"openai node {self.name!r}: no request reached {self.config.base_url} "
                                  f"({failed[0]}); the whole batch will be retried")
-        return [ItemError(str(o)) if isinstance(o, RequestFailed) else o for o in outs]
+        return [(RetryableError if o.retryable else ItemError)(str(o)) if isinstance(o, RequestFailed) else o
+                for o in outs]
 
     async def _run_batch(self, batch: list[NodeInput]) -> list[dict[str, Any] | RequestFailed]:
         from openai import AsyncOpenAI
@@ -328,7 +331,7 @@ class OpenAINode(TeacherNode):
                 return e  # malformed body: the same request would get the same answer
             if attempt < cfg.max_retries:
                 await asyncio.sleep(self._backoff(attempt, wait))
-        return RequestFailed(f"{error} (after {cfg.max_retries + 1} attempts)", connect=error.connect)
+        return RequestFailed(f"{error} (after {cfg.max_retries + 1} attempts)", connect=error.connect, retryable=True)
 
     def _backoff(self, attempt: int, asked: float | None) -> float:
         """``Retry-After`` when the server sent one, else exponential backoff with equal jitter."""
