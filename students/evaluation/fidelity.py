@@ -27,6 +27,7 @@ from distillery.students.evaluation.metrics import (answer_agreement, as_predict
                                                     evaluate_against_truth, predict_records, retained,
                                                     teacher_text_kl)
 from distillery.students.evaluation.report import headline_metrics
+from distillery.students.model.heads import head_class
 from distillery.students.evaluation.truth import Labels, align, node_types, read_labels
 from distillery.students.serving.folder import student_dir
 from distillery.students.serving.predictor import StudentPredictor
@@ -160,7 +161,7 @@ def evaluate_predictions(graph, records: Sequence, preds: Sequence[dict], ground
             report[side] = evaluate_against_truth(masks_where_labelled([outputs[i] for i in known], truth),
                                                   truth, k=ks)
         report["retained"] = retained(report["student_vs_truth"], report["teacher_vs_truth"])
-    llm = [n for n in nodes if kinds[n] == "llm"]
+    llm = [n for n in nodes if head_class(kinds[n]).generative]  # the answering nodes (llm, openai)
     if types is not None and llm:
         truth_answers = None if ground_truth is None else [
             None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]

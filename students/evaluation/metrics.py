@@ -20,7 +20,7 @@ import math
 from typing import Any, Iterable, Sequence
 
 import torch
-from distillery.students.model.heads import output_head
+from distillery.students.model.heads import head_class, output_head
 from distillery.students.model.scores import (answer_agreement, detection_map, mask_iou, mean_mask_iou,  # noqa: F401
                                               retrieval_agreement)
 
@@ -112,7 +112,7 @@ def teacher_text_kl(model, records: Sequence, batch_size: int = 16) -> dict[str,
     from distillery.students.model.schema import load_tokenizer
     from distillery.students.model.losses import topk_kd_per_token
 
-    nodes = [n for n, node in model.schema.nodes.items() if node["type"] == "llm"]
+    nodes = [n for n, node in model.schema.nodes.items() if head_class(node["type"]).generative]
     if not nodes or not records:
         return {}
     tok = model.tokenizer or load_tokenizer(model.schema)

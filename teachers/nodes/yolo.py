@@ -209,6 +209,23 @@ def _check_local_path(node: str, weights: str) -> None:
         raise FileNotFoundError(f"yolo node {node!r}: weights file {weights!r} does not exist")
 
 
+def checkpoint_class_names(weights: str) -> list[str]:
+    """The class names (by id) a YOLO ``.pt`` checkpoint holds, read weights-only against
+    Ultralytics' allow-list (as ``_check_weights_only``); [] for a model YAML or a bare name."""
+    path = Path(weights).expanduser()
+    if path.suffix != ".pt" or not path.is_file():
+        return []
+    from distillery import runtime
+
+    runtime.configure()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    names = getattr(ckpt.get("ema") or ckpt.get("model"), "names", None) or {}
+    names = dict(enumerate(names)) if isinstance(names, list) else names
+    return [str(names.get(i, i)) for i in range(max(names, default=-1) + 1)]
+
+
 def _check_weights_only(node: str, weights: str) -> None:
     """A ``.pt`` file is a pickle, and Ultralytics unpickles it in full (``weights_only=False``)
     unless ``ULTRALYTICS_SAFE_LOAD`` was set before it was imported: load it first with
