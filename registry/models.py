@@ -14,9 +14,11 @@ find_registered(spec, traces_uri, traces_version)           # registered from ex
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -303,7 +305,33 @@ def promote(model_name: str, version: str | int, metrics: Mapping[str, float] | 
     metrics, refused when its ``eval_set`` tag differs from ``eval_set``). The decision and its
     reasons are written as version tags ``promotion`` / ``promotion_reasons``. tracking_uri:
     see ``use_store``."""
-    use_store(tracking_uri)
+    with promotion_lock(use_store(tracking_uri)):  # read the aliases, decide, move them: one at a time
+        return _promote(model_name, version, metrics, gate, comparison_metric, champion_metrics, eval_set)
+
+
+@contextmanager
+def promotion_lock(tracking_uri: str) -> Iterator[None]:
+    """Promotions of one store one at a time, so concurrent distillations leave the aliases where
+    one-at-a-time would (challenger on the newest version, champion on the best). On the local
+    SQLite store: an exclusive lock on a file beside the database (released by the kernel if the
+    process dies). Other stores (the team stack's PostgreSQL): no lock here; version numbers stay
+    distinct (the registry assigns them in a transaction), and concurrent promotions of one model
+    are last-writer-wins, so run its distillations one at a time (a Prefect concurrency limit)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(tracking_uri.removeprefix("sqlite:///") + ".promote.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _promote(model_name: str, version: str | int, metrics: Mapping[str, float] | None,
+             gate: Mapping[str, float] | None, comparison_metric: str | None,
+             champion_metrics: Mapping[str, float] | None, eval_set: str | None) -> PromotionDecision:
     client = mlflow.MlflowClient()
     version = str(version)
     newest = max(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
