@@ -48,6 +48,9 @@ GOALS = [
     ("reliability", "cli_versions_readable", "(every version)", None),
     ("reliability", "counted_extra_teacher_calls", "<= one shard per kill", None),
     ("reliability", "counted_extra_calls_within_bound", "true", lambda v: v is True),
+    ("reliability", "registry_concurrent_errors", "0 (10 registrations at once, SQLite)", lambda v: v == 0),
+    ("reliability", "registry_distinct_versions", "10", lambda v: v == 10),
+    ("reliability", "registry_aliases_consistent", "true", lambda v: v is True),
 ]
 # Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
 # (student vs truth / teacher vs truth), on the test split and on a fresh world seed.

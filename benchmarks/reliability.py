@@ -11,6 +11,9 @@
    recorded exactly once, versions readable, processes left. The same with a teacher that counts
    its calls (the plain record loop in a child process): teacher calls beyond a clean run's,
    against the bound of one shard per kill.
+3. **Registry under concurrency:** ten processes register and promote the same model at once on
+   the SQLite store the embedded default uses: errors, distinct versions, and whether the aliases
+   end where one-at-a-time would leave them.
 """
 
 from __future__ import annotations
@@ -99,6 +102,55 @@ def kill_and_resume(cmd: list[str], traces: Path, kills: int, seed: int = 0, env
             "versions": len(versions), "versions_readable": readable}
 
 
+REGISTER_CHILD = textwrap.dedent("""
+    import json, sys
+    from distillery.flows.spec import load_spec
+    from distillery.registry import models
+
+    spec_path, model_uri, score, version = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    spec = load_spec(spec_path)
+    metrics = {"answer_agreement": score}
+    mv = models.register_student(model_uri, spec, metrics, {"graph_fingerprint": "gf", "traces_version": version})
+    decision = models.promote(spec.name, mv.version, metrics, spec.registry.gate, "answer_agreement")
+    print(json.dumps({"version": str(mv.version), "promoted": decision.promoted}))
+""")
+SCORES = (0.61, 0.93, 0.72, 0.88, 0.97, 0.65, 0.91, 0.70, 0.95, 0.80)
+
+
+def concurrent_registrations(spec, student: Path, workdir: Path, scores=SCORES) -> dict:
+    """``len(scores)`` training runs log the student, then as many processes register and promote
+    their run's model at once (the same model name, the spec's SQLite store). Returns the errors,
+    the versions, and whether the aliases end where one-at-a-time would leave them."""
+    import mlflow
+    import yaml
+
+    from distillery.registry import models, tracking
+
+    spec_path = workdir / "register-spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    logged = []
+    for i, score in enumerate(scores):
+        with tracking.start_run(spec.registry, spec, run_name=f"train-{i}"):
+            logged.append(models.log_student(student, spec, {"answer_agreement": score}, {"traces_version": i}))
+    script = workdir / "register.py"
+    script.write_text(REGISTER_CHILD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(spec_path), uri, str(score), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i, (uri, score) in enumerate(zip(logged, scores))]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    errors = [err[-1500:] for rc, _, err in results if rc != 0]
+    versions = [json.loads(out.strip().splitlines()[-1])["version"] for rc, out, _ in results if rc == 0]
+    mlflow.set_tracking_uri(spec.registry.tracking_uri)
+    client, name = mlflow.MlflowClient(), spec.registry.model_name or spec.name
+    challenger = str(client.get_model_version_by_alias(name, "challenger").version)
+    champion = client.get_model_version_by_alias(name, "champion")
+    best = versions[scores.index(max(scores))] if len(versions) == len(scores) else None
+    return {"registrations": len(scores), "errors": errors, "versions": versions,
+            "distinct_versions": len(set(versions)), "challenger_is_newest": challenger == str(len(scores)),
+            "champion_is_best": str(champion.version) == best, "champion_tag": champion.tags.get("promotion")}
+
+
 def counted_kills(workdir: Path, n: int, kills: int, seed: int = 0) -> dict:
     """``kill_and_resume`` of the counting child over ``n`` images; adds the teacher calls."""
     from PIL import Image
@@ -145,6 +197,22 @@ def corpus_figures(example: dict, workdir: Path) -> dict:
             "by_reason": dict(Counter(bad.values())), "record_s": round(time.perf_counter() - t0, 1)}
 
 
+def registry_figures(workdir: Path) -> dict:
+    """``concurrent_registrations`` of a student trained here for one epoch on the killed runs'
+    traces, into a fresh SQLite store."""
+    from distillery.flows.spec import load_spec
+    from distillery.students.training.train import train
+
+    spec = load_spec(workdir / "kill-spec.yaml")
+    spec = spec.model_copy(update={
+        "training": spec.training.model_copy(update={"epochs": 1, "onnx_export": False}),
+        "registry": spec.registry.model_copy(update={"tracking_uri": f"sqlite:///{workdir / 'registry' / 'mlflow.db'}",
+                                                     "gate": {"answer_agreement": 0.5}})})
+    (workdir / "registry").mkdir(exist_ok=True)
+    student = train(spec, str(workdir / "kill-traces.lance"), out_dir=workdir / "student", progress=False).out_dir
+    return concurrent_registrations(spec, student, workdir / "registry")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=None, help="default: DATA_DIR/bench-reliability")
@@ -156,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     runtime.configure()
     workdir = (args.workdir or runtime.data_dir() / "bench-reliability").resolve()
     for sub in ("corpus", "corpus-outside", "corpus.lance", "count-inputs", "count-traces.lance", "count-calls",
-                "kill-traces.lance"):
+                "kill-traces.lance", "registry", "student"):
         path = workdir / sub
         if path.is_dir():
             import shutil
@@ -178,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["kill_cli"] = kill_and_resume(cmd, workdir / "kill-traces.lance", args.kills, seed=1, env=env,
                                       max_delay_s=1.0)
     out["kill_counted"] = counted_kills(workdir, 120, args.kills, seed=2)
+    out["registry"] = registry_figures(workdir)
     c, k, q = out["corpus"], out["kill_cli"], out["kill_counted"]
     out |= {"corpus_bad_inputs": c.get("bad_inputs"), "corpus_crashes": c.get("crashes"),
             "corpus_bad_quarantined_as_expected": c.get("bad_quarantined_as_expected"),
@@ -188,7 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
             "cli_versions_readable": f"{k['versions_readable']}/{k['versions']}",
             "counted_kills": q["kills"], "counted_extra_teacher_calls": q["extra_calls"],
             "counted_extra_calls_bound": q["extra_calls_bound"],
-            "counted_extra_calls_within_bound": 0 <= q["extra_calls"] <= q["extra_calls_bound"]}
+            "counted_extra_calls_within_bound": 0 <= q["extra_calls"] <= q["extra_calls_bound"],
+            "registry_concurrent_errors": len(out["registry"]["errors"]),
+            "registry_distinct_versions": out["registry"]["distinct_versions"],
+            "registry_aliases_consistent": out["registry"]["challenger_is_newest"] and out["registry"]["champion_is_best"]}
     print(json.dumps(out, indent=2, default=str))
     return out
 
