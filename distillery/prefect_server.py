@@ -69,8 +69,15 @@ def drain(timeout_s: float = 5.0) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
-def start() -> LocalServer:
-    """A running local server on a free port of 127.0.0.1 (stop it with ``.stop()``)."""
-    server = LocalServer(free_port())
-    server.start()
-    return server
+_shared: LocalServer | None = None
+
+
+def shared() -> LocalServer:
+    """This process's local server, started on first use on a free port of 127.0.0.1 and kept for
+    the flows that follow (as Prefect keeps its temporary one); stopped at exit, and by the
+    kernel with this process however it ends."""
+    global _shared
+    if _shared is None or not _shared.running:
+        _shared = LocalServer(free_port())
+        _shared.start()  # (SubprocessASGIServer.start registers its stop at exit)
+    return _shared

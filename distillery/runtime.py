@@ -99,9 +99,10 @@ def resolve_device(choice=None, index: int = 0):
 
 @contextmanager
 def local_prefect():
-    """Flows run inside on a Prefect API: the configured one (``PREFECT_API_URL``), else a local
-    server that this process starts and that dies with it, even by ``kill -9``
-    (``distillery.prefect_server``; Prefect's own temporary server outlived a killed process).
+    """Flows run inside on a Prefect API: the configured one (``PREFECT_API_URL``), else the local
+    server of this process, started on first use and kept for later flows, which dies with the
+    process, even by ``kill -9`` (``distillery.prefect_server``; Prefect's own temporary server
+    outlived a killed process).
     On the local server flows send no heartbeats: no worker watches them there, and each flow
     would wait ~1 s for the heartbeat thread at its end (a rerun that records nothing would take
     1.1 s instead of 0.15 s)."""
@@ -112,15 +113,12 @@ def local_prefect():
         return
     from distillery import prefect_server
 
-    server = prefect_server.start()
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            try:
-                yield
-            finally:
-                prefect_server.drain()  # logs and events still queued reach the server before it stops
-    finally:
-        server.stop()
+    server = prefect_server.shared()
+    with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        try:
+            yield
+        finally:
+            prefect_server.drain()  # logs and events still queued reach the server (it stops at exit)
 
 
 def _prepare_ultralytics(yolo_dir: Path) -> None:

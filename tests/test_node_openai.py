@@ -29,7 +29,8 @@ from test_node_llm import PROMPT, TARGET, WORDS, build_tokenizer
 
 from distillery.teachers.base import ItemError, NodeInput, TransientError
 from distillery.teachers.nodes.llm import LLMConfig, LLMNode
-from distillery.teachers.nodes.openai import OpenAIConfig, OpenAINode, Pacer, retry_after
+from distillery.teachers.nodes.openai import OpenAIConfig, OpenAINode
+from distillery.teachers.remote import Pacer, retry_after
 
 KEY = f"sk-test-{uuid.uuid4().hex}"  # what the server demands; must never be written anywhere
 ENV = "TEACHER_API_KEY"
@@ -421,7 +422,7 @@ def test_fingerprint_takes_served_model_and_tokenizer(server, tiny_model):
 
 def test_returned_tokens_map_to_ids_or_give_no_soft_labels():
     from distillery.students.model.schema import byte_tokenizer
-    from distillery.teachers.nodes.openai import TokenMap, soft_labels
+    from distillery.teachers.remote import TokenMap, soft_labels
 
     tokens = TokenMap(byte_tokenizer())  # byte-level: " a" is spelled "Ġa"-style, by its bytes
     vocab = byte_tokenizer().get_vocab()
