@@ -51,6 +51,8 @@ GOALS = [
     ("reliability", "registry_concurrent_errors", "0 (10 registrations at once, SQLite)", lambda v: v == 0),
     ("reliability", "registry_distinct_versions", "10", lambda v: v == 10),
     ("reliability", "registry_aliases_consistent", "true", lambda v: v is True),
+    ("reliability", "train_killed_then_resumed_bit_identical", "true (same weights as a straight run)",
+     lambda v: v is True),
 ]
 # Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
 # (student vs truth / teacher vs truth), on the test split and on a fresh world seed.
@@ -112,6 +114,12 @@ def render(results: dict[str, dict], quick: bool) -> str:
             lines += ["", f"## Fidelity per node, {label}", "", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {round(v, 4)} |" for k, v in rows]
     lines += breakdown_lines(results.get("student", {}).get("breakdown"))
+    faults = results.get("reliability", {}).get("remote_teacher_faults")
+    if faults:
+        lines += ["", "## Reliability: a remote teacher's faults", "",
+                  "Played by a real HTTP server process against the `openai` node (`tests/test_node_openai.py`); "
+                  "each ends with nothing lost and nothing recorded twice.", "", "| fault | test |", "|---|---|"]
+        lines += [f"| {fault} | `{test}` |" for fault, test in faults.items()]
     lines += ["", "## All figures", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
