@@ -53,6 +53,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_llm(one_thread, tmp_path_factory) -> str:
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+
+
+def save_tiny_llm(path) -> str:
     """A 2-layer Llama trained to continue PROMPT with TARGET, saved as a local model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +73,6 @@ def tiny_llm(one_thread, tmp_path_factory) -> str:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    path = tmp_path_factory.mktemp("tiny-llm")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -7,11 +7,9 @@ nothing and record nothing twice; requests overlap up to ``max_concurrency``; th
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +23,9 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from test_node_llm import PROMPT, TARGET, WORDS, build_tokenizer
+from test_node_llm import PROMPT, save_tiny_llm
 
+from distillery.prefect_server import die_with
 from distillery.teachers.base import ItemError, NodeInput, TransientError
 from distillery.teachers.nodes.llm import LLMConfig, LLMNode
 from distillery.teachers.nodes.openai import OpenAIConfig, OpenAINode
@@ -39,34 +38,13 @@ SERVER = Path(__file__).with_name("openai_server.py")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer Llama trained to continue PROMPT with TARGET (as in test_node_llm.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The llm node tests' tiny Llama (trained to continue PROMPT with TARGET), on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=128, vocab_size=len(WORDS),
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    ids = torch.tensor([tok(f"{PROMPT} {TARGET}")["input_ids"]])  # (1, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("tiny-llm")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def _die_with_parent() -> None:
-    """In the server's process: SIGTERM it when the test process dies (Linux prctl)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        return save_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Server:
@@ -84,7 +62,7 @@ class Server:
         env = os.environ | {"OPENAI_SERVER_KEY": KEY, "DISTILLERY_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                             "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, str(SERVER), "--model", self.model, "--port", str(self.port)],
-                                     env=env, preexec_fn=_die_with_parent)
+                                     env=env, preexec_fn=die_with(os.getpid()))  # dies with the tests
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
