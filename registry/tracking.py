@@ -53,6 +53,12 @@ def setup(cfg: RegistryConfig, experiment: str, workdir: str | Path | None = Non
     uri = cfg.resolve_tracking_uri(workdir)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
     mlflow.set_tracking_uri(uri)  # the registry follows it unless $MLFLOW_REGISTRY_URI says otherwise
+    return experiment_id(uri, experiment)
+
+
+def experiment_id(uri: str, experiment: str) -> str:
+    """The experiment's id in the store ``uri``, created with its artifacts beside the store (never
+    in ``./mlruns`` of whatever folder the process runs in, as MLflow's default experiment puts them)."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
@@ -290,6 +296,9 @@ def log_by_type(by_type: Mapping[str, Mapping[str, float]], name: str = "plots/a
     plt.close(fig)
 
 
+EVAL_EXPERIMENT = "evaluations"  # where an evaluation logged outside any run goes
+
+
 def log_evaluation(report: Mapping[str, Any], run_id: str | None = None, prefix: str = "eval") -> str:
     """A fidelity report into MLflow: metrics ``eval.<comparison>.<node>.<metric>`` and
     ``eval.by_type.<type>.<comparison>``, the per-node bar chart and ``evaluation.json``; into
@@ -302,9 +311,9 @@ def log_evaluation(report: Mapping[str, Any], run_id: str | None = None, prefix:
     active = mlflow.active_run()
     if run_id is None and active is not None:
         run_id = active.info.run_id
-    if run_id is None:
-        use_store()
-    with mlflow.start_run(run_id=run_id, nested=active is not None and run_id != active.info.run_id) as run:
+    experiment = None if run_id is not None else experiment_id(use_store(), EVAL_EXPERIMENT)
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment,
+                          nested=active is not None and run_id != active.info.run_id) as run:
         metrics = {}
         for comp in (*COMPARISONS, "retained"):
             metrics |= flat_metrics(report.get(comp, {}), prefix=f"{prefix}.{comp}")

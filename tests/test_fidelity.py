@@ -95,6 +95,7 @@ def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):
         for name, v in metrics.items():
             assert v == pytest.approx(report["student_vs_truth"][node][name] / report["teacher_vs_truth"][node][name])
     run = mlflow.get_run(report["mlflow_run_id"])
+    assert "/mlruns/" not in run.info.artifact_uri  # beside the store, not in ./mlruns of the working folder
     assert run.data.metrics["eval.student_vs_teacher.reasoner.answer_em"] == pytest.approx(
         report["student_vs_teacher"]["reasoner"]["answer_em"])
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
