@@ -12,10 +12,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install demo test bench clean-venv
 
+# (The distribution was called "distillery" before, a name PyPI gives another project: an old
+# venv's copy is removed so the two never both claim the distillery package.)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The distribution was called "distillery" before (a name PyPI gives another project).
 	$(BIN)/pip uninstall --quiet --yes distillery 2>/dev/null || true
 	$(BIN)/pip install --progress-bar off -e '.[dev]'
 	touch $(STAMP)
