@@ -54,7 +54,8 @@ def record(
 
     summary = run_record(s, inputs, uri, show_progress=not as_json)
     if as_json:
-        keys = ("written", "skipped", "quarantined", "by_reason", "traces", "version")
+        keys = ("written", "skipped", "quarantined", "to_retry", "by_reason", "traces", "version", "seconds",
+                "node_seconds", "usage")
         print(json.dumps({k: summary[k] for k in keys}))
     else:
         print_record_summary(summary)
@@ -72,6 +73,16 @@ def print_record_summary(summary: dict) -> None:
     Console().print(table)
     for q in summary.get("quarantined_inputs", [])[:20]:
         console.print(f"  [yellow]quarantined[/yellow] {q['image']}: {q['detail']}")
+    from distillery.teachers.record import cost_rows
+
+    rows = cost_rows(summary)
+    if rows:
+        cost = Table(title="cost per teacher node")
+        for col in rows[0]:
+            cost.add_column(col.replace("_", " "), justify="left" if col == "node" else "right")
+        for row in rows:
+            cost.add_row(*("-" if v is None else str(v) for v in row.values()))
+        Console().print(cost)
 
 
 @app.command()

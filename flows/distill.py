@@ -35,7 +35,8 @@ from distillery.flows.spec import Spec
 from distillery.flows.train import read_result, train_flow
 from distillery.registry.models import find_registered, register_distilled, use_store
 from distillery.registry.pull import pull_champion
-from distillery.registry.tracking import log_evaluation_run, log_forgetting, open_run, resume_run
+from distillery.registry.tracking import (log_evaluation_run, log_forgetting, log_record_summary, open_run,
+                                          resume_run)
 
 SAMPLES = 3  # teacher-vs-student overlays logged per run
 
@@ -70,7 +71,7 @@ def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", e
         publish_links(done)
         return {**base, "registered": done, "reused": True}
     champion = pull_champion(spec, work) if warm_start else None
-    run_id = open_distill_run(spec, work, traces, recorded["version"], champion)
+    run_id = open_distill_run(spec, work, traces, recorded, champion)
     trained = _train(spec, train_params(spec, traces, work, recorded["version"], champion, run_id))
     evaluated = evaluate_and_register(spec, trained, champion, run_id, work, traces, eval_traces,
                                       eval_dir=eval_inputs if eval_traces else inputs)
@@ -102,11 +103,16 @@ def prepare(spec: Spec | None, spec_path: str | None, inputs: str, traces: str, 
     return spec, work
 
 
-def open_distill_run(spec: Spec, work: Path, traces: str, version: int | None, champion: dict | None) -> str:
-    """The distillation's MLflow run (spec logged), opened before training; its id."""
+def open_distill_run(spec: Spec, work: Path, traces: str, recorded: dict, champion: dict | None) -> str:
+    """The distillation's MLflow run (spec and the record step's summary and cost logged),
+    opened before training; its id."""
+    version = recorded["version"]
     tags = {"prefect_flow_run_id": str(runtime.flow_run.id or ""), "traces_uri": traces, "traces_version": version,
             "warm_start_version": champion["version"] if champion else None}
-    return open_run(spec.registry, spec, run_name=f"distill-{spec.name}", workdir=work, tags=tags)
+    run_id = open_run(spec.registry, spec, run_name=f"distill-{spec.name}", workdir=work, tags=tags)
+    with resume_run(run_id):
+        log_record_summary(recorded)
+    return run_id
 
 
 def train_params(spec: Spec, traces: str, work: Path, version: int | None, champion: dict | None,

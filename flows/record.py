@@ -2,7 +2,9 @@
 
 Thin by design: the loop is ``teachers.record.record``; the flow gives it how a shard's nodes
 run (one task per (node, shard), never per input, with retries for transient whole-shard
-failures; per-input failures are recorded as quarantines, not retried) and a progress artifact.
+failures; per-input failures are recorded as quarantines, not retried), a progress artifact, and
+two tables: the outcome counts and the cost per node (seconds; tokens and estimated cost of nodes
+behind an API).
 Each shard's records are committed in the flow itself, one atomic append (a task run per commit
 cost more than the commit). Parameters are the pydantic ``Spec`` so the Prefect UI renders a
 typed form.
@@ -20,7 +22,7 @@ from prefect.utilities.annotations import quote
 from distillery import runtime
 from distillery.flows.spec import Spec
 from distillery.teachers.graph import NodeResult, TeacherGraph
-from distillery.teachers.record import RecordSummary, record
+from distillery.teachers.record import RecordSummary, cost_rows, record
 from distillery.teachers.records import Request
 
 
@@ -114,3 +116,8 @@ def _publish(summary: RecordSummary) -> None:
     rows += [{"outcome": f"quarantined: {k}", "count": v} for k, v in sorted(summary.by_reason.items())]
     create_table_artifact(table=rows, key="record-summary",
                           description=f"Trace store {summary.traces} at version {summary.version}")
+    cost = cost_rows(summary.to_json())
+    if cost:
+        create_table_artifact(table=cost, key="record-cost", description=(
+            f"Per teacher node: wall seconds on this run's {summary.written + summary.quarantined} inputs; "
+            "requests, tokens and estimated cost for nodes behind an API (None: not reported)"))

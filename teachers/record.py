@@ -71,9 +71,24 @@ class RecordSummary:
     """Per node whose outputs report ``usage`` (the ``openai`` node): the sums of its prompt and
     completion tokens, requests and, where the spec gives prices, estimated cost (only requests
     whose output was recorded count)."""
+    node_seconds: dict[str, float] = field(default_factory=dict)
+    """Per node: the wall time it spent on this run's inputs (a batch's time shared by its inputs)."""
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def cost_rows(summary: Mapping) -> list[dict]:
+    """One row per node of a summary (``RecordSummary.to_json()``): its seconds and, for nodes
+    behind an API, requests, prompt and completion tokens and estimated cost (None: not reported)."""
+    usage, seconds = summary.get("usage") or {}, summary.get("node_seconds") or {}
+    rows = []
+    for node in [*seconds, *(n for n in usage if n not in seconds)]:
+        u = usage.get(node, {})
+        rows.append({"node": node, "seconds": round(seconds.get(node, 0.0), 3), "requests": u.get("requests"),
+                     "prompt_tokens": u.get("prompt_tokens"), "completion_tokens": u.get("completion_tokens"),
+                     "estimated_cost": None if u.get("estimated_cost") is None else round(u["estimated_cost"], 6)})
+    return rows
 
 
 def _now() -> str:
@@ -152,6 +167,8 @@ def summarize(summary: RecordSummary, records: list[TeacherRecord]) -> None:
             reasons[rec.reason or "unknown"] += 1
             summary.quarantined_inputs.append({"image": rec.image_path, "reason": rec.reason, "detail": rec.detail})
         add_usage(summary.usage, rec.outputs)
+        for node, sec in (rec.timings or {}).items():
+            summary.node_seconds[node] = summary.node_seconds.get(node, 0.0) + sec
     summary.by_reason = dict(reasons)
 
 

@@ -113,6 +113,8 @@ def test_example_builds_a_spec_inputs_and_teachers_and_a_second_call_reuses_them
 def test_the_printed_record_command_records_every_input(example, recorded):
     assert recorded["written"] == example["requests"] and recorded["quarantined"] == 0
     assert recorded["traces"] == example["traces"] and recorded["version"] >= 1
+    assert set(recorded["node_seconds"]) == {"detector", "retriever", "reasoner"}  # what each node cost
+    assert all(s > 0 for s in recorded["node_seconds"].values()) and recorded["usage"] == {}  # no API node
 
 
 # ---------------------------------------------------------------------------------------------

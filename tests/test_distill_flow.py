@@ -76,8 +76,10 @@ def test_the_run_holds_params_epoch_and_system_metrics_plots_and_the_report(runs
     assert any(k.startswith("eval.student_vs_teacher.") for k in metrics)
     assert any(k.startswith("eval.by_type.") for k in metrics)  # types from the inputs' annotations
     assert any(k.startswith("fidelity.") for k in metrics)
+    assert metrics["record.written"] == first["record"]["written"]  # the record step's cost, per node
+    assert all(metrics[f"record.{n}.seconds"] > 0 for n in ("detector", "retriever", "reasoner"))
     files = _artifact_paths(client, run.info.run_id)
-    assert {"spec.yaml", "plots/loss_curves.png", "plots/samples.png", "plots/agreement_by_type.png",
+    assert {"spec.yaml", "record_summary.json", "plots/loss_curves.png", "plots/samples.png", "plots/agreement_by_type.png",
             "eval/evaluation.json", "eval/fidelity_per_node.png"} <= files, sorted(files)
     report = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="eval/evaluation.json", tracking_uri=client.tracking_uri)).read_text())
@@ -112,7 +114,10 @@ def _artifacts(flow_run_id: str) -> list:
 def test_prefect_artifacts_fidelity_table_progress_and_links(runs):
     arts = {(a.key, a.type): a for a in _artifacts(runs["first"]["flow_run_id"])}
     assert {("fidelity", "table"), ("record-progress", "progress"), ("train-progress", "progress"),
-            ("registered-student", "markdown")} <= set(arts), sorted(arts)
+            ("registered-student", "markdown"), ("record-cost", "table")} <= set(arts), sorted(arts)
+    cost = arts[("record-cost", "table")].data
+    cost = json.loads(cost) if isinstance(cost, str) else cost
+    assert {r["node"] for r in cost} == {"detector", "retriever", "reasoner"} and all(r["seconds"] > 0 for r in cost)
     table = arts[("fidelity", "table")].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert {"detector", "retriever", "reasoner"} <= {r["node"] for r in rows}

@@ -163,7 +163,8 @@ def test_sigkill_mid_run_then_rerun_records_each_input_once(tiny_demo, tmp_path)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"written", "skipped", "quarantined", "by_reason", "traces", "version"}
+    assert set(summary) == {"written", "skipped", "quarantined", "to_retry", "by_reason", "traces", "version",
+                            "seconds", "node_seconds", "usage"}
     assert summary["skipped"] == partial and summary["written"] + summary["quarantined"] == 16 - partial
     ids = [r.input_id for r in TraceStore(traces).read(with_images=False)]
     assert len(ids) == 16 and len(set(ids)) == 16

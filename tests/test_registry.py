@@ -23,7 +23,7 @@ import pytest
 
 from distillery.registry import models
 from distillery.registry import pull
-from distillery.registry import tracking
+from distillery.registry import plots, tracking
 from distillery.registry.config import CHALLENGER, CHAMPION, RegistryConfig, artifact_location
 from distillery.registry.pyfunc_model import flatten_prediction, to_requests
 from registry_support import (CHAMPION_NAME, LINEAGE, QUESTION, make_spec, mlflow_uri_restored,
@@ -93,7 +93,7 @@ def test_training_run_logs_spec_params_epochs_plots_and_report(env, monkeypatch)
     with tracking.start_run(spec.registry, spec, run_name="train", tags={"prefect_flow_run_id": "fr-9"}) as run:
         tracking.log_training_params(spec.training.model_dump())
         tracking.log_history(history, nodes=list(spec.teachers))
-        tracking.log_samples([{"image": img, "teacher": det, "student": det, "title": "0"}])
+        plots.log_samples([{"image": img, "teacher": det, "student": det, "title": "0"}])
         tracking.log_report({"answer_agreement": 0.75, "nodes": {"detector": {"map50": 0.5}}})
     client = mlflow.MlflowClient(env["uri"])
     data = client.get_run(run.info.run_id).data
@@ -113,8 +113,8 @@ def test_training_run_logs_spec_params_epochs_plots_and_report(env, monkeypatch)
 
 
 def test_loss_keys_are_grouped_per_node():
-    groups = tracking.group_loss_keys([{"loss": 1, "loss/detector": 1, "val_loss_reasoner": 2, "lr": 0}],
-                                      ["detector", "reasoner"])
+    groups = plots.group_loss_keys([{"loss": 1, "loss/detector": 1, "val_loss_reasoner": 2, "lr": 0}],
+                                   ["detector", "reasoner"])
     assert groups == {"total": ["loss"], "detector": ["loss/detector"], "reasoner": ["val_loss_reasoner"]}
 
 
