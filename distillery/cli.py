@@ -121,10 +121,25 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Student folder (default: next to the spec)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm-start from a saved student."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Processes on this "
+                                                 "machine, one per GPU (default: the spec's training.nproc_per_node); "
+                                                 "above 1 the trainer runs under torchrun."),
+    nnodes: Optional[str] = typer.Option(None, "--nnodes", help="Machines in the run (N or MIN:MAX); each runs "
+                                         "this same command."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous on "
+                                                "the first machine (several machines)."),
 ) -> None:
-    """Train the student on a trace-store version (progress bar, per-epoch metrics)."""
+    """Train the student on a trace-store version (progress bar, per-epoch metrics); on several
+    processes or machines through torchrun (--nproc-per-node, --nnodes, --rdzv-endpoint)."""
     runtime.configure()
     s = _load_spec(spec)
+    launch = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes,
+                                "rdzv_endpoint": rdzv_endpoint}.items() if v is not None}
+    if launch:
+        try:
+            s = s.model_copy(update={"training": type(s.training).model_validate(s.training.model_dump() | launch)})
+        except ValueError as e:
+            _fail(f"distillery train: {e}")
     from distillery.students.training.train import train as run_train
 
     from distillery.teachers.store import TraceStore, parse_traces_ref
@@ -138,6 +153,9 @@ def train(
     except ValueError as e:
         _fail(f"--traces {uri}: {e}")
     out_dir = out or spec.resolve().parent / "student"
+    if s.training.launched:
+        _train_launched(s, uri, out_dir, resume, init_from)
+        return
     try:
         result = run_train(s, uri, None, out_dir, resume=resume, init_from=init_from, progress=True)
     except ValueError as e:  # a version the store lacks, no usable record for this graph, ...
@@ -147,6 +165,29 @@ def train(
                   soft_wrap=True)
     print(json.dumps({"out_dir": str(result.out_dir), "traces_version": result.traces_version,
                       "metrics": result.metrics}, default=str))
+
+
+def _train_launched(s, uri: str, out_dir: Path, resume: bool, init_from: Optional[Path]) -> None:
+    """``distillery train`` as a torchrun process group (``flows.launch``); its summary printed."""
+    from distillery.flows.launch import launch
+    from distillery.flows.train import read_result
+
+    cfg = s.training
+    console.print(f"training under torchrun: {cfg.nproc_per_node} process(es) per node, {cfg.nnodes} node(s)")
+    try:
+        launch(s, {"traces": uri, "out_dir": str(out_dir.resolve()), "resume": resume,
+                   "init_from": str(init_from.resolve()) if init_from else None})
+    except RuntimeError as e:
+        _fail(str(e), code=1)
+    try:
+        result = read_result(out_dir)
+    except FileNotFoundError:  # another machine's processes held rank 0, and this one's folder is not shared
+        console.print(f"this machine's processes are done; rank 0 wrote the student on its machine ({out_dir})")
+        return
+    console.print(f"student written to {result['out_dir']} from {result['traces_uri']}@{result['traces_version']}"
+                  f" ({result['seconds']:.0f} s)", soft_wrap=True)
+    print(json.dumps({"out_dir": result["out_dir"], "traces_version": result["traces_version"],
+                      "metrics": result["metrics"]}, default=str))
 
 
 # NAME, NAME@ALIAS or NAME/VERSION: a registry reference (as `distillery pull` takes them).

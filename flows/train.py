@@ -15,6 +15,7 @@ pulled one.)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime
@@ -28,7 +29,8 @@ RESULT_FILE = "train_result.json"  # the flow's return value, beside the student
 @flow(name="train", log_prints=True)
 def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None,
                init_from: str | None = None, since_version: int | None = None,
-               mlflow_run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True) -> dict:
+               mlflow_run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True,
+               nproc_per_node: int | None = None) -> dict:
     """Train the student on ``traces`` (``URI`` or ``URI@VERSION``) and save it in ``out_dir``.
 
     Args:
@@ -42,30 +44,65 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
         mlflow_run_id: the distillation's MLflow run to log training into (None: no MLflow).
         tracking_uri: the MLflow store of that run (None: $MLFLOW_TRACKING_URI / already set).
         progress: draw the progress bar (on a terminal) and print each epoch's table of losses.
+        nproc_per_node: training processes on this machine (one per GPU; default: the spec's
+            ``training.nproc_per_node``); above 1 the step runs as a torchrun process group.
     """
-    from distillery.registry.tracking import training_run
-    from distillery.students.training.train import train
-
-    replay, only_new = continual_selection(spec, traces, version, since_version)
+    if nproc_per_node is not None:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"nproc_per_node": nproc_per_node})})
+    params = {"traces": traces, "out_dir": out_dir, "version": version, "init_from": init_from,
+              "since_version": since_version, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri,
+              "progress": progress, "flow_run_id": str(runtime.flow_run.id or "")}
     progress_id = create_progress_artifact(progress=0.0, key="train-progress", description="Training steps (%)")
-    with training_run(spec, mlflow_run_id, tracking_uri) as log_epoch:
+    if spec.training.launched:
+        from distillery.flows.launch import launch
+
+        get_run_logger().info("training on %s process(es) per node, %s node(s), through torchrun",
+                              spec.training.nproc_per_node, spec.training.nnodes)
+        launch(spec, params)
+        summary = read_result(out_dir)
+    else:
         shown = [0]  # last whole percent sent to the API (one call per percent, not per step)
 
-        def on_event(event: dict) -> None:  # every trainer event: move the progress bar, log epochs
+        def on_event(event: dict) -> None:  # move the progress bar
             total = event.get("total_steps") or 0
             if total and "step" in event and int(100 * event["step"] / total) > shown[0]:
                 shown[0] = int(100 * event["step"] / total)
                 update_progress_artifact(progress_id, float(shown[0]))
+
+        summary = run_training(spec, **params, on_event=on_event)
+    update_progress_artifact(progress_id, 100.0)
+    return summary
+
+
+def run_training(spec: Spec, traces: str, out_dir: str, version: int | None = None, init_from: str | None = None,
+                 since_version: int | None = None, mlflow_run_id: str | None = None,
+                 tracking_uri: str | None = None, progress: bool = True, resume: bool = False,
+                 flow_run_id: str = "", on_event=None) -> dict:
+    """The train step as a plain function, the same in one process and in every torchrun process:
+    the continual selection, ``students.training.train.train`` and, on rank 0, MLflow logging and
+    ``train_result.json``. Returns the step's summary."""
+    from contextlib import nullcontext
+
+    from distillery.registry.tracking import training_run
+    from distillery.students.training.train import train
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    replay, only_new = continual_selection(spec, traces, version, since_version)
+    logging = training_run(spec, mlflow_run_id, tracking_uri) if rank0 else nullcontext(lambda event: None)
+    with logging as log_epoch:
+        def callback(event: dict) -> None:  # every trainer event (rank 0): progress, MLflow
+            if on_event is not None:
+                on_event(event)
             log_epoch(event)
 
         result = train(spec, traces, version, out_dir, init_from=init_from, replay=replay, only_ids=only_new,
-                       progress=progress, callback=on_event)
-    update_progress_artifact(progress_id, 100.0)
+                       progress=progress, callback=callback, resume=resume)
     summary = {"out_dir": str(result.out_dir), "traces_uri": result.traces_uri,
                "traces_version": result.traces_version, "metrics": result.metrics, "history": result.history,
                "lineage": result.lineage, "seconds": result.seconds,
-               "flow_run_id": str(runtime.flow_run.id or ""), "mlflow_run_id": mlflow_run_id}
-    write_result(result.out_dir, summary)
+               "flow_run_id": flow_run_id, "mlflow_run_id": mlflow_run_id}
+    if rank0:
+        write_result(result.out_dir, summary)
     return summary
 
 
@@ -80,9 +117,20 @@ def continual_selection(spec: Spec, traces: str, version: int | None, since_vers
     uri, ref_version = parse_traces_ref(traces)
     inc = split_increment(uri, TeacherGraph(spec.teachers).fingerprint, version or ref_version, since_version)
     replay = replay_sample(inc.old, len(inc.new), spec.training.replay_fraction, spec.training.seed)
-    get_run_logger().info("continual: %d new records since v%s, %d replayed", len(inc.new), since_version,
-                          len(replay))
+    _logger().info("continual: %d new records since v%s, %d replayed", len(inc.new), since_version, len(replay))
     return replay, {r.input_id for r in inc.new}
+
+
+def _logger():
+    """The flow run's logger, or a plain one in a torchrun process (no Prefect run there)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("distillery.train")
 
 
 def write_result(out_dir: str | Path, result: dict) -> Path:
@@ -105,3 +153,23 @@ def read_result(out_dir: str | Path, flow_run_id: str | None = None) -> dict:
     if flow_run_id is not None and result.get("flow_run_id") != str(flow_run_id):
         raise RuntimeError(f"{path} was written by flow run {result.get('flow_run_id')}, not {flow_run_id}")
     return result
+
+
+def worker_main(argv: list[str]) -> int:
+    """One torchrun process (``python -m distillery.flows.train PARAMS.json``, started by
+    ``flows.launch.launch``): dies with its torchrun agent, then ``run_training``."""
+    from distillery import runtime as dr
+    from distillery.flows.launch import worker_params
+    from distillery.prefect_server import die_with
+
+    die_with(os.getppid())()  # the agent's workers run in sessions of their own: don't outlive it
+    dr.configure()
+    spec, params = worker_params(argv[0])
+    run_training(spec, **params)
+    return 0
+
+
+if __name__ == "__main__":  # a torchrun process
+    import sys
+
+    sys.exit(worker_main(sys.argv[1:]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -62,8 +62,29 @@ class TrainConfig(BaseModel):
                                 "weights. Off: a little faster, equal only up to float noise.")
     seed: int = Field(0, description="Seeds weights, data order and dropout; the same seed gives "
                       "the same weights, with or without an interruption and resume.")
+    nproc_per_node: int = Field(1, ge=1, description="Training processes on each machine (one per GPU): "
+                                "above 1, or with more than one node, the trainer is launched through "
+                                "torchrun (torch.distributed.run): nccl on GPUs, gloo on CPU.")
+    nnodes: str = Field("1", pattern=r"^\d+(:\d+)?$", description="Machines in the run, N or MIN:MAX "
+                        "(elastic); each runs the same command. Above 1 needs `rdzv_endpoint`.")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous every node joins "
+                                      "(a port on the first node); None: this machine alone (standalone).")
+    max_restarts: int = Field(0, ge=0, description="torchrun restarts of the whole group after a process "
+                              "fails; each restart resumes from the latest checkpoint.")
     onnx_export: bool = Field(True, description="Also write the student as ONNX Runtime graphs "
                               "(onnx/ in the student folder, students/onnx.py): its fast CPU backend.")
     deployment: str | None = Field(None, description="Run the train step as this Prefect deployment "
                                    "(e.g. 'train/gpu' on the gpu work pool, see prefect.yaml); None: "
                                    "in-process. Trace store and output paths must be shared storage.")
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> "TrainConfig":
+        if self.nnodes != "1" and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes {self.nnodes!r}: a run on several machines needs rdzv_endpoint "
+                             "(host:port on the first node, that every node can reach)")
+        return self
+
+    @property
+    def launched(self) -> bool:
+        """Whether training runs as a torchrun process group (several processes or machines)."""
+        return self.nproc_per_node > 1 or self.nnodes != "1"
