@@ -200,6 +200,16 @@ def test_length_limit_flags_truncation(tiny_llm):
     assert (out["think"], out["answer"]) == ("light scatters", "")
 
 
+def test_bfloat16_weights_record_the_same_layout_in_float32_logprobs(tiny_llm, greedy):
+    node = make_node(tiny_llm, dtype="bfloat16")
+    assert next(node.model.parameters()).dtype == torch.bfloat16
+    out, ref = node.run(items([PROMPT]))[0], greedy.run(items([PROMPT]))[0]
+    assert out["topk_ids"].dtype == np.int32 and out["topk_logprobs"].dtype == np.float16
+    assert out["topk_logprobs"].shape[1] == ref["topk_logprobs"].shape[1] == 20
+    assert np.isfinite(out["topk_logprobs"].astype(np.float32)).all()
+    assert LLMConfig(model="m", prompt="{request.question}").dtype == "float32"  # the default stays exact
+
+
 def test_stop_string_ends_generation(tiny_llm):
     out = make_node(tiny_llm, stop=["blue"], logprobs_k=5).run(items([PROMPT]))[0]
     assert out["text"].endswith("the answer is blue")
