@@ -53,14 +53,16 @@ GOALS = [
     ("reliability", "registry_aliases_consistent", "true", lambda v: v is True),
     ("reliability", "train_killed_then_resumed_bit_identical", "true (same weights as a straight run)",
      lambda v: v is True),
+    ("serve_http", "http_over_in_process_p50", "(HTTP p50 / in-process p50, concurrency 1)", None),
+    ("serve_http", "c8_over_c1_rps", "(requests/s at concurrency 8 / 1)", None),
 ]
 # Per-node figures shown without a goal: fidelity vs the teacher, and retained accuracy
 # (student vs truth / teacher vs truth), on the test split and on a fresh world seed.
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
-MODULES = ["demo", "record", "student", "fidelity", "reliability"]
-SHARES_WORKDIR = {"demo", "student", "fidelity"}
+MODULES = ["demo", "record", "student", "fidelity", "serve_http", "reliability"]
+SHARES_WORKDIR = {"demo", "student", "fidelity", "serve_http"}
 HERE = Path(__file__).parent
 
 
@@ -77,9 +79,9 @@ def commit() -> str:
         return "unknown"
 
 
-def run_all(quick: bool, workdir: Path) -> dict[str, dict]:
+def run_all(quick: bool, workdir: Path, only: list[str] | None = None) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    for name in MODULES:
+    for name in only or MODULES:
         try:
             mod = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError:
@@ -89,7 +91,7 @@ def run_all(quick: bool, workdir: Path) -> dict[str, dict]:
         try:
             argv = ["--preset", "tiny"] if quick else []
             argv += ["--workdir", str(workdir)] if name in SHARES_WORKDIR else []
-            results[name] = mod.main(argv)
+            results[name] = {**mod.main(argv), "ran": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {commit()}"}
         except Exception as e:  # one failing benchmark must not lose the others' figures
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -142,11 +144,26 @@ def breakdown_lines(res: dict | None) -> list[str]:
     return lines
 
 
+def previous(path: Path) -> dict[str, dict]:
+    """The figures of an earlier run, read back from its results file's JSON block ({} if none)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    start = text.rfind("```json\n")
+    end = text.find("\n```", start + 8)
+    try:
+        return json.loads(text[start + 8:end]) if start >= 0 and end > start else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny preset: a plumbing check, not the figures")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="demo workdir shared by demo, student and fidelity (default: DATA_DIR/bench)")
+    ap.add_argument("--only", default=None, help="comma-separated benchmarks to run (e.g. serve_http,record); "
+                    "the other figures are kept from the existing results file, each with the date it ran")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: benchmarks/RESULTS.md (with --quick: benchmarks/RESULTS-quick.md)")
     args = ap.parse_args()
@@ -155,7 +172,11 @@ def main() -> None:
 
     workdir = (args.workdir or runtime.data_dir() / ("bench-quick" if args.quick else "bench")).resolve()
     print(f"benchmark workdir: {workdir} (the demo's cold run rebuilds it)", flush=True)
-    results = run_all(args.quick, workdir)
+    only = [m.strip() for m in args.only.split(",")] if args.only else None
+    unknown = set(only or []) - set(MODULES)
+    if unknown:
+        ap.error(f"--only {args.only}: unknown benchmark(s) {sorted(unknown)}; known: {', '.join(MODULES)}")
+    results = {**(previous(args.out) if only else {}), **run_all(args.quick, workdir, only)}
     text = render(results, args.quick)
     args.out.write_text(text)
     print(text)

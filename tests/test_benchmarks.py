@@ -28,3 +28,14 @@ def test_results_put_each_figure_beside_its_goal():
     assert "for 20x the student may take 3.00 ms a request" in text  # where each side's request goes
     assert "| teacher graph | node reasoner | 40.00 | 67% |" in text
     assert "| student (onnx-int8) | vision graph | 1.50 | 25% |" in text
+
+
+def test_a_partial_run_keeps_the_other_benchmarks_figures(tmp_path):
+    from benchmarks.__main__ import previous
+
+    earlier = {"record": {"flow_over_direct": 1.04, "ran": "2026-12-01 10:00 UTC, abc123"},
+               "serve_http": {"c8_over_c1_rps": 1.9}}
+    path = tmp_path / "RESULTS.md"
+    path.write_text(render(earlier, quick=False))
+    assert previous(path) == earlier  # what `python -m benchmarks --only ...` merges its new figures into
+    assert previous(tmp_path / "missing.md") == {}
