@@ -104,3 +104,35 @@ def test_served_model_refuses_server_side_paths(server, tmp_path):
     on_server.write_bytes(image_bytes())
     status, body = _invoke(server, str(on_server))
     assert status >= 400 and "a served model takes no paths" in json.dumps(body)
+
+
+def test_served_answers_equal_distillery_predict_on_the_pulled_folder(server, registry_env, tmp_path):
+    from distillery.registry.pull import predict_dir, pull
+
+    folder = pull(f"{CHAMPION_NAME}@champion", tmp_path / "pulled", tracking_uri=registry_env["uri"])
+    image = tmp_path / "photo.png"
+    image.write_bytes(image_bytes())
+    local = predict_dir(folder, image, QUESTION)  # what `distillery predict` prints
+    status, body = _invoke(server, base64.b64encode(image_bytes()).decode())
+    assert status == 200, body
+    row = body["predictions"][0]
+    assert row["answer"] == local["answer"]
+    assert row["labels"] == list(local["detector"]["labels"]) and row["labels"]
+    assert row["documents"][0] == str(local["retriever"]["ids"][0])  # the top document
+
+
+@pytest.mark.parametrize("case, payload, names", [
+    ("not an image", {"dataframe_records": [{"image": base64.b64encode(b"%PDF-1.4 not a picture").decode(),
+                                             "question": QUESTION}]}, "image"),
+    ("missing column", {"dataframe_records": [{"image": base64.b64encode(b"x").decode()}]}, "question"),
+    ("50 MB body", {"dataframe_records": [{"image": base64.b64encode(b"\0" * (37 << 20)).decode(),
+                                           "question": QUESTION}]}, "image"),
+])
+def test_a_malformed_request_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, case, payload,
+                                                                                         names):
+    status, body = _post(f"{server}/invocations", payload)
+    text = json.dumps(body)
+    assert 400 <= status < 500, f"{case}: {status} {text[:500]}"
+    assert names in text and "Traceback" not in text, f"{case}: {text[:500]}"
+    ok, answer = _invoke(server, base64.b64encode(image_bytes()).decode())
+    assert ok == 200 and answer["predictions"][0]["answer"], case
