@@ -32,6 +32,7 @@ class GenerationConfig(NodeConfig):
     """Settings shared by the nodes that generate text (a subclass adds ``type`` and its model)."""
 
     prompt: str = Field(description="Template citing {request.question} and {node.field}.")
+    system: str | None = Field(None, description="Optional system message (the llm node: with chat: true).")
     stop: list[str] = Field(default_factory=list, description="Stop strings (end generation).")
     num_samples: int = Field(1, ge=1, le=64, description="Drafts per input (rejection sampling).")
     selection: Selection = Field("majority", description="How the kept draft is chosen when num_samples > 1.")

@@ -32,6 +32,9 @@ class LLMConfig(GenerationConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     logprobs_k: int = Field(20, ge=1, le=1000, description="Top-k log-probs stored per token.")
     device: str | None = None
+    chat: bool = Field(False, description="Wrap the rendered prompt as the user message (after `system`) "
+                       "in the tokenizer's chat template, with the assistant's generation prompt (instruct "
+                       "and reasoning models: Qwen2.5, Llama 3, DeepSeek-R1 distills). False: the prompt as is.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Weights' dtype: bfloat16 halves memory and is fastest on GPUs and on CPUs "
         "with AMX/AVX512-BF16; float16 only on GPUs; auto: the checkpoint's own. Log-probs are taken in "
@@ -43,6 +46,8 @@ class LLMConfig(GenerationConfig):
     def _drafts_need_sampling(self) -> "LLMConfig":
         if self.num_samples > 1 and not self.do_sample:
             raise ValueError("num_samples > 1 needs do_sample: true (greedy decoding repeats one draft)")
+        if self.system is not None and not self.chat:
+            raise ValueError("system: a system message needs chat: true (the tokenizer's chat template places it)")
         return self
 
     def identity(self) -> dict[str, str]:
@@ -126,6 +131,15 @@ class LLMNode(TeacherNode):
         self.eos_ids = {e for e in [*eos, self.tok.eos_token_id] if e is not None}
         self.hidden_ids = self._hidden_ids()
         self._check_stop_strings()
+        if cfg.chat and not getattr(self.tok, "chat_template", None):
+            raise ValueError(f"llm node {self.name!r}: chat: true, but the tokenizer of {cfg.model} has no "
+                             "chat_template (set chat: false, or add the template to tokenizer_config.json)")
+
+    def chat_prompt(self, prompt: str) -> str:
+        """The rendered prompt as the chat template's user turn, ending with the assistant's prompt."""
+        messages = ([{"role": "system", "content": self.config.system}] if self.config.system else []) + \
+            [{"role": "user", "content": prompt}]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _hidden_ids(self) -> set[int]:
         """Special tokens left out of the decoded text, except the think markers (some tokenizers
@@ -150,9 +164,11 @@ class LLMNode(TeacherNode):
 
     def run(self, batch: list[NodeInput]) -> list[dict[str, Any] | ItemError]:
         cfg = self.config
-        prompts = [item.texts["prompt"] for item in batch]
-        ids = self.tok(prompts)["input_ids"]
-        outs: list[dict[str, Any] | ItemError | None] = [self._refusal(p, x) for p, x in zip(prompts, ids)]
+        rendered = [item.texts["prompt"] for item in batch]
+        # a chat template writes its own special tokens (BOS included): the tokenizer adds none
+        prompts = [self.chat_prompt(p) if p.strip() else p for p in rendered] if cfg.chat else rendered
+        ids = self.tok(prompts, add_special_tokens=not cfg.chat)["input_ids"]
+        outs: list[dict[str, Any] | ItemError | None] = [self._refusal(p, x) for p, x in zip(rendered, ids)]
         keep = [i for i, o in enumerate(outs) if o is None]
         if keep:
             rows = self._generate([ids[i] for i in keep])

@@ -71,7 +71,6 @@ class OpenAIConfig(GenerationConfig):
     model: str = Field(description="The served model's name (not a path: nothing is hashed).")
     api_key_env: str | None = Field(None, pattern=_ENV_NAME, description="NAME of the environment variable "
                                     "holding the API key (never the key); None: the server needs none.")
-    system: str | None = Field(None, description="Optional system message.")
     max_tokens: int = Field(256, ge=1, description="Length limit; hitting it flags truncation.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
