@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.students.model.losses import (LossBalancer, center_heatmaps, distill_loss, divergence, fcos_assign, mask_loss,
-                             quality_focal_loss, retrieval_loss, topk_kd_loss, topk_kd_per_token)
+                             quality_focal_loss, retrieval_loss, topk_kd_loss, topk_kd_per_token, uld_per_token)
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -164,6 +164,37 @@ def test_distill_loss_blends_kd_and_cross_entropy(logits):
     want = torch.where(kd_mask, 0.3 * kd + 0.7 * ce, ce).mean()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(distill_loss(s, labels, mask, ids, vals, kd_mask, alpha=0.0), ce.mean())
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_uld_is_zero_for_the_same_distribution_under_another_vocabulary(logits, k):
+    """Cross-tokenizer soft labels: the student's vocabulary is a permutation of the teacher's
+    (and larger): sorted probabilities are equal, so the loss is 0; another distribution is not."""
+    t, s = logits
+    _, vals = teacher_topk(t, k)
+    perm = torch.randperm(t.shape[-1], generator=torch.Generator().manual_seed(1))
+    relabelled = torch.cat([t[..., perm], torch.full((*t.shape[:-1], 9), -1e4)], -1)  # (B, T, V + 9)
+    assert uld_per_token(relabelled, vals).abs().max() < 1e-5
+    other = uld_per_token(s, vals)
+    assert (other > 1e-3).all() and (other <= 2 + 1e-5).all()
+
+
+def test_uld_trains_a_student_with_another_vocabulary_toward_the_teacher(logits):
+    t, _ = logits
+    _, vals = teacher_topk(t, 8)
+    student = torch.zeros(3, 7, 55, requires_grad=True)  # another vocabulary size
+    opt = torch.optim.Adam([student], lr=0.1)
+    labels, mask = torch.zeros(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.bool)
+    first = None
+    for _ in range(200):
+        loss = distill_loss(student, labels, mask, None, vals, mask, alpha=1.0, aligned="sorted")
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    with pytest.raises(ValueError, match="aligned"):
+        distill_loss(student, labels, mask, None, vals, mask, aligned="bytes")
 
 
 def test_divergence_rejects_unknown_kind():

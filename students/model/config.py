@@ -35,6 +35,12 @@ class StudentConfig(BaseModel):
                          "(seed, epoch, index): see TraceDataset.set_epoch.")
 
     # -- text decoder -------------------------------------------------------------------------------
+    tokenizer: str | None = Field(None, description="The student's own tokenizer (a local folder, or a "
+                                  "hub id already in the local cache). None: the teacher LLM's, so soft labels "
+                                  "line up token by token. Another one: the teacher's text is re-tokenized "
+                                  "and its stored top-k soft labels count through the universal logit "
+                                  "distillation loss (sorted probabilities, aligned by position; "
+                                  "docs/cross-tokenizer.md).")
     d_model: int = Field(128, ge=16, description="Width of the text decoder.")
     n_layers: int = Field(3, ge=1, description="Transformer blocks in the text decoder.")
     n_heads: int = Field(4, ge=1, description="Attention heads per block (must divide d_model).")

@@ -122,19 +122,47 @@ def topk_kd_loss(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor
     return masked_mean(per, mask)
 
 
+def uld_per_token(student_logits: Tensor, topk_logprobs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Universal logit distillation across tokenizers, per token: (B, T).
+
+    Boizard et al. 2024 ("Towards cross-tokenizer distillation: the universal logit distillation
+    loss"): when the student's vocabulary is not the teacher's, token ids do not line up, but
+    sorted probability vectors do: the L1 distance between the student's and the teacher's
+    probabilities sorted in decreasing order (a Wasserstein-1 distance under their cost), positions
+    aligned by index. With the teacher's stored top-k: its k sorted probabilities and the tail mass
+    1 - sum(top-k) against the student's k largest and its own tail. 0 when the distributions are
+    equal up to a relabelling of the tokens; at most 2.
+    student_logits (B, T, V); topk_logprobs (B, T, k) sorted descending; mask (B, T)."""
+    if mask is not None:
+        topk_logprobs = torch.where(mask[..., None], topk_logprobs, torch.zeros_like(topk_logprobs))
+    p_t = _f32(topk_logprobs).clamp(min=MIN_TEACHER_LOGPROB).exp()  # (B, T, k)
+    k = min(p_t.shape[-1], student_logits.shape[-1])
+    p_s = _f32(student_logits).softmax(-1).topk(k, -1).values  # (B, T, k), sorted
+    p_t = p_t[..., :k]
+    tails = (1 - p_s.sum(-1)).clamp(min=0) - (1 - p_t.sum(-1)).clamp(min=0)  # (B, T)
+    return (p_s - p_t).abs().sum(-1) + tails.abs()
+
+
 def distill_loss(student_logits: Tensor, labels: Tensor, label_mask: Tensor,
                  topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None,
                  kd_mask: Tensor | None = None, temperature: float = 2.0, alpha: float = 0.5,
-                 kind: str = "forward", beta: float = 0.5) -> Tensor:
+                 kind: str = "forward", beta: float = 0.5, aligned: str = "ids") -> Tensor:
     """alpha * KD + (1 - alpha) * CE per token where soft labels exist, CE alone elsewhere.
 
     Hinton et al. 2015 (KD blended with the hard-label loss); the hard labels are the teacher's
-    own tokens (sequence-level KD, Kim & Rush 2016). labels, label_mask, kd_mask: (B, T)."""
+    own tokens (sequence-level KD, Kim & Rush 2016). labels, label_mask, kd_mask: (B, T).
+    aligned: "ids" (one vocabulary: the divergence ``kind`` at ``temperature`` over the stored
+    ids) or "sorted" (another tokenizer's soft labels: ``uld_per_token``, ids unused)."""
     ce = F.cross_entropy(student_logits.float().transpose(1, 2), labels.long(), reduction="none")  # (B, T)
-    if topk_ids is None or kd_mask is None or alpha == 0:
+    if topk_logprobs is None or kd_mask is None or alpha == 0 or (topk_ids is None and aligned == "ids"):
         return masked_mean(ce, label_mask)
     kd_mask = kd_mask & label_mask
-    kd = topk_kd_per_token(student_logits, topk_ids, topk_logprobs, temperature, kind, beta, kd_mask)
+    if aligned == "sorted":
+        kd = uld_per_token(student_logits, topk_logprobs, kd_mask)
+    elif aligned == "ids":
+        kd = topk_kd_per_token(student_logits, topk_ids, topk_logprobs, temperature, kind, beta, kd_mask)
+    else:
+        raise ValueError(f"aligned {aligned!r}: ids or sorted")
     per = torch.where(kd_mask, alpha * kd + (1 - alpha) * ce, ce)
     return masked_mean(per, label_mask)
 

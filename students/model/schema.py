@@ -61,14 +61,26 @@ def build_schema(spec, records: list[TeacherRecord]) -> StudentSchema:
         outs = [r.outputs[name] for r in records if isinstance(r.outputs.get(name), dict)]
         nodes[name] = {"type": cfg.type, **head.schema_entry(name, cfg, outs)}
     sources = [src for n in nodes.values() if (src := head_class(n["type"]).tokenizer_source(n)) is not None]
-    schema = StudentSchema(nodes, tokenizer=sources[0] if sources else None,
+    own = getattr(spec.student, "tokenizer", None)
+    schema = StudentSchema(nodes, tokenizer=own or (sources[0] if sources else None),
                            default_question=spec.inputs.default_question)
     tok = load_tokenizer(schema)
-    _check_same_tokenizer(tok, sources)
-    ids = [a for r in records for name, n in nodes.items() if isinstance(r.outputs.get(name), dict)
-           for a in head_class(n["type"]).token_ids(r.outputs[name])]
+    cross = own is not None and any(_vocab(src) != tok.get_vocab() for src in sources)
+    if cross:  # the teacher's token ids are not the student's: re-tokenized text, sorted soft labels
+        for n in nodes.values():
+            if head_class(n["type"]).generative:
+                n["cross_tokenizer"] = True
+        ids: list = []
+    else:
+        _check_same_tokenizer(tok, sources)
+        ids = [a for r in records for name, n in nodes.items() if isinstance(r.outputs.get(name), dict)
+               for a in head_class(n["type"]).token_ids(r.outputs[name])]
     schema.text = _text_info(tok, schema.tokenizer, ids)
     return schema
+
+
+def _vocab(source: str) -> dict[str, int]:
+    return load_tokenizer(StudentSchema({}, tokenizer=source)).get_vocab()
 
 
 def _read_json(path: Path) -> dict:

@@ -43,6 +43,8 @@ class AnswerHead(Head):
     @classmethod
     def target_builder(cls, name: str, node: dict[str, Any], ctx: TargetContext
                        ) -> Callable[[Output | None], Target | None]:
+        if node.get("cross_tokenizer"):
+            return lambda out: None if out is None else cross_tokenizer_target(out, ctx.tokenizer, ctx.text, ctx.cfg)
         return lambda out: None if out is None else llm_target(out, ctx.tokenizer, ctx.text, ctx.cfg)
 
     @classmethod
@@ -93,7 +95,8 @@ class AnswerHead(Head):
             label_mask = target[f"{key}_mask"] & target["mask"][:, None]  # (B, L)
             loss = losses.distill_loss(out[f"{key}_logits"], target[f"{key}_ids"], label_mask,
                                        target[f"{key}_topk_ids"], target[f"{key}_topk_logprobs"],
-                                       target[f"{key}_kd_mask"], **kd)
+                                       target[f"{key}_kd_mask"], **kd,
+                                       aligned="sorted" if self.node.get("cross_tokenizer") else "ids")
             total = total + weight * loss
         return total
 
@@ -142,6 +145,28 @@ def llm_target(out: dict, tok, text: dict, cfg: StudentConfig) -> dict[str, Tens
         a_tk, a_lp = np.concatenate([a_tk, pad_tk]), np.concatenate([a_lp, pad_lp])
     m = slice(0, cfg.max_answer_tokens)
     return rationale | _seq("answer", a_ids[m], a_tk[m], a_lp[m], kd[m])
+
+
+def cross_tokenizer_target(out: dict, tok, text: dict, cfg: StudentConfig) -> dict[str, Tensor] | None:
+    """When the student has its own tokenizer: rationale = the student tokenizer's ids of the
+    teacher's whole text (+ eos), with the teacher's top-k log-probs of position i as the soft label
+    of position i (the universal logit distillation loss compares sorted probabilities, so ids need
+    not match; positions past the shorter sequence have none); answer = its ids, hard labels."""
+    answer = str(out.get("answer", "")).strip()
+    if out.get("truncated") or not answer:
+        return None
+    eos = text["eos_ids"][0]
+    ids = np.asarray(tok(str(out.get("text", "")), add_special_tokens=False)["input_ids"] + [eos], np.int64)
+    topk_lp = np.asarray(out.get("topk_logprobs", np.zeros((0, 1))), dtype=np.float16)  # (T_teacher, k)
+    k = topk_lp.shape[1] if topk_lp.ndim == 2 and len(topk_lp) else 1
+    n = min(len(ids), len(topk_lp)) if topk_lp.ndim == 2 else 0
+    lp = np.zeros((len(ids), k), np.float16)
+    lp[:n] = topk_lp[:n]
+    r = slice(0, cfg.max_rationale_tokens)
+    rationale = _seq("rationale", ids[r], np.zeros((len(ids), k), np.int64)[r], lp[r], (np.arange(len(ids)) < n)[r])
+    a_ids = np.asarray(tok(answer, add_special_tokens=False)["input_ids"] + [eos], np.int64)
+    (a_tk, a_lp), m = _no_soft_labels(len(a_ids), k), slice(0, cfg.max_answer_tokens)
+    return rationale | _seq("answer", a_ids[m], a_tk[m], a_lp[m], np.zeros(len(a_ids), bool)[m])
 
 
 def _no_soft_labels(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

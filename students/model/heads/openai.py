@@ -8,7 +8,9 @@ differences that come from not holding the teacher's weights:
   and the schema falls back to the graph's other LLM's tokenizer or the built-in byte-level one
   (``schema.byte_tokenizer``);
 * text-only records (no ``token_ids``: no tokenizer, or a server without log-probs) are
-  tokenized here, with the student's own tokenizer, into hard labels.
+  tokenized here, with the student's own tokenizer, into hard labels. (With
+  ``student.tokenizer`` set to another tokenizer than the node's, the ``llm`` head's
+  cross-tokenizer targets apply to both kinds of record.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class OpenAIAnswerHead(AnswerHead):
     @classmethod
     def target_builder(cls, name: str, node: dict[str, Any], ctx: TargetContext
                        ) -> Callable[[Output | None], Target | None]:
+        if node.get("cross_tokenizer"):  # the student's own tokenizer: re-tokenized text either way
+            return super().target_builder(name, node, ctx)
+
         def build(out: Output | None) -> Target | None:
             if out is None:
                 return None
