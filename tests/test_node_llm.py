@@ -210,6 +210,20 @@ def test_bfloat16_weights_record_the_same_layout_in_float32_logprobs(tiny_llm, g
     assert LLMConfig(model="m", prompt="{request.question}").dtype == "float32"  # the default stays exact
 
 
+def test_score_gives_the_teachers_top_k_on_a_given_continuation(greedy):
+    """On-policy distillation scores the student's own tokens: teacher-forced on the teacher's own
+    generation, the scores equal what generation recorded; on another continuation they differ."""
+    out = greedy.run(items([PROMPT]))[0]
+    (same,) = greedy.score([PROMPT], [out["token_ids"].tolist()])
+    np.testing.assert_array_equal(same["topk_ids"][:, 0], out["topk_ids"][:, 0])
+    np.testing.assert_allclose(same["topk_logprobs"].astype(np.float32), out["topk_logprobs"].astype(np.float32),
+                               atol=2e-2)
+    assert same["topk_ids"].dtype == np.int32 and same["topk_logprobs"].dtype == np.float16
+    flipped = out["token_ids"][::-1].tolist()
+    (other,) = greedy.score([PROMPT], [flipped])
+    assert other["token_logprobs"].sum() < same["token_logprobs"].sum()  # the teacher prefers its own answer
+
+
 def test_stop_string_ends_generation(tiny_llm):
     out = make_node(tiny_llm, stop=["blue"], logprobs_k=5).run(items([PROMPT]))[0]
     assert out["text"].endswith("the answer is blue")

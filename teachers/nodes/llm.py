@@ -177,6 +177,27 @@ class LLMNode(TeacherNode):
                 outs[i] = self._assemble(prompts[i], len(ids[i]), drafts)
         return outs
 
+    def score(self, prompts: list[str], continuations: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        """The teacher's view of given continuations (e.g. the student's own answers, for on-policy
+        distillation): for each rendered prompt and continuation (token ids of this node's
+        tokenizer), its top-k log-probs at every position of the continuation, teacher-forced, in
+        the layout of recorded outputs: ``topk_ids`` (T, k) int32, ``topk_logprobs`` (T, k) fp16
+        sorted descending, and ``token_logprobs`` (T,) float32 of the given tokens."""
+        import torch
+
+        cfg, out = self.config, []
+        for prompt, cont in zip(prompts, continuations):
+            text = self.chat_prompt(prompt) if cfg.chat else prompt
+            p_ids = self.tok(text, add_special_tokens=not cfg.chat)["input_ids"]
+            ids = torch.tensor([p_ids + list(cont)], device=self.device)  # (1, P + T)
+            with torch.inference_mode():
+                logits = self.model(ids).logits[0, len(p_ids) - 1:-1]  # (T, V): position t predicts cont[t]
+            vals, idx, chosen = topk_logprobs(tuple(logits[:, None]), torch.tensor([list(cont)]), cfg.logprobs_k)
+            out.append({"topk_ids": idx[0].numpy().astype(np.int32),  # (T, k)
+                        "topk_logprobs": vals[0].numpy().astype(np.float16),
+                        "token_logprobs": chosen[0].numpy().astype(np.float32)})
+        return out
+
     def _refusal(self, prompt: str, ids: list[int]) -> ItemError | None:
         cfg = self.config
         if not prompt.strip() or not ids:
