@@ -399,10 +399,12 @@ def predict(
     model_dir: Path = typer.Argument(..., help="A pulled folder or a student folder."),
     image: Path = typer.Option(..., "--image", help="Image file."),
     question: str = typer.Option(..., "--question", help="Question text."),
-    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime where the folder has the "
-                                "export, int8 first), torch, onnx or onnx-int8."),
+    backend: str = typer.Option("auto", "--backend", help="auto (the torch-free runtime on ONNX Runtime where "
+                                "the folder has the export, int8 first; else torch), runtime, ort (the ORT-format "
+                                "graphs), torch, onnx or onnx-int8."),
 ) -> None:
-    """Answer one image + question with a student folder (JSON out)."""
+    """Answer one image + question with a student folder (JSON out). Without torch where the
+    folder has ONNX graphs (docs/runtime.md)."""
     runtime.configure()
     from distillery.registry.pull import predict_dir
 

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 CHALLENGER = "challenger"  # alias on the newest registered version
 CHAMPION = "champion"  # alias on the version that passed the promotion gate
 
-# What the logged pyfunc model needs at load time (pinned to the installed versions).
-RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors",
-                    "numpy", "pandas", "pillow", "pycocotools", "pydantic", "onnxruntime")
+# What the logged pyfunc model needs at load time (pinned to the installed versions): the
+# torch-free runtime's packages (students/serving/runtime.py) and MLflow's own; a student logged
+# without ONNX graphs runs on torch and needs TORCH_PACKAGES too.
+RUNTIME_PACKAGES = ("mlflow", "onnxruntime", "numpy", "pillow", "tokenizers", "pycocotools", "pandas")
+TORCH_PACKAGES = ("torch", "torchvision", "transformers", "safetensors", "pydantic")
 
 
 class RegistryConfig(BaseModel):
@@ -81,11 +83,13 @@ class RegistryConfig(BaseModel):
     def comparison_metric(self) -> str | None:
         return self.gate_metric_for_comparison or next(iter(self.gate), None)
 
-    def requirements(self) -> list[str]:
+    def requirements(self, torch: bool = False) -> list[str]:
+        """``pip_requirements`` when set, else the runtime's packages pinned to the installed
+        versions; with ``torch`` (a student without ONNX graphs) the torch student's too."""
         if self.pip_requirements is not None:
             return list(self.pip_requirements)
         reqs = []
-        for pkg in RUNTIME_PACKAGES:
+        for pkg in RUNTIME_PACKAGES + (TORCH_PACKAGES if torch else ()):
             try:
                 reqs.append(f"{pkg}=={metadata.version(pkg)}")
             except metadata.PackageNotFoundError:

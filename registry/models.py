@@ -37,6 +37,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from distillery.registry.config import CHALLENGER, CHAMPION, RegistryConfig
 from distillery.registry.tracking import setup, use_store
 from distillery.students.serving.folder import student_dir
+from distillery.students.serving.graphs import runtime_ready
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # What the pyfunc model imports at load time: the distillery namespace with the ground modules
@@ -81,7 +82,7 @@ def log_student(model_dir: str | Path, spec: Any, metrics: Mapping[str, float], 
         info = mlflow.pyfunc.log_model(
             name=LOGGED_NAME, python_model=str(PYFUNC_CODE), artifacts={"student": str(staged)},
             code_paths=[str(stage_code(Path(tmp) / "code"))], signature=SIGNATURE, input_example=example_input(),
-            pip_requirements=cfg.requirements(),
+            pip_requirements=cfg.requirements(torch=not runtime_ready(staged)),  # torch-free where it can be
             metadata={"distillery_spec": spec.name, "train_run_id": run.info.run_id},
         )
         return info.model_uri

@@ -15,21 +15,26 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-
-from distillery.registry.config import CHAMPION
-from distillery.registry.models import alias_version, use_store
 from distillery.students.serving.folder import student_dir
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+# MLflow is imported by the functions that use the registry, not here: answering from a pulled
+# folder (``predict_dir``, ``distillery predict``) must not pay for it (~1 s, ~150 MB).
 
 
 def model_uri_of(model_ref: str) -> str:
     """``NAME``, ``NAME@ALIAS``, ``NAME/VERSION`` or a ``models:/`` URI -> a ``models:/`` URI.
 
     A bare NAME means its champion, or its newest version when no champion is set."""
+    import mlflow
+
+    from distillery.registry.config import CHAMPION
+    from distillery.registry.models import alias_version
+
     if model_ref.startswith("models:/"):
         return model_ref
     if "@" in model_ref or "/" in model_ref:
@@ -45,6 +50,9 @@ def model_uri_of(model_ref: str) -> str:
 
 def resolve_version(model_uri: str) -> ModelVersion:
     """The registered version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     ref = model_uri.removeprefix("models:/")
     client = mlflow.MlflowClient()
     try:
@@ -66,6 +74,10 @@ def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Pat
     ``to/MLmodel`` (signature, requirements) and ``to/registry.json`` (name, version, aliases,
     tags, run id). Replaces an earlier pull in ``to``; refuses any other non-empty folder.
     tracking_uri: the registry to pull from (see ``use_store``)."""
+    import mlflow
+
+    from distillery.registry.models import use_store
+
     to = Path(to)
     use_store(tracking_uri)
     if to.exists() and any(to.iterdir()) and not (to / "registry.json").exists():
@@ -87,6 +99,9 @@ def pull(model_ref: str, to: str | Path, tracking_uri: str | None = None) -> Pat
 
 def _download_spec(run_id: str | None, into: Path) -> None:
     """The run's ``spec.yaml`` into ``into`` (best effort: a run may have logged none)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     if not run_id:
         return
     try:
@@ -101,6 +116,8 @@ def pull_champion(spec: Any, workdir: str | Path) -> dict[str, Any] | None:
     """The spec's current champion pulled into ``workdir/champion``: its version, its student
     folder and the trace-store version it was trained on (None when unknown); None when the
     model has no champion."""
+    from distillery.registry.config import CHAMPION
+
     name = spec.registry.model_name or spec.name
     try:
         mv = resolve_version(f"models:/{name}@{CHAMPION}")
@@ -131,6 +148,10 @@ STUDENT_ARTIFACT = Path("artifacts") / "student"  # where a logged pyfunc studen
 def download_logged(model_uri: str, to: str | Path, tracking_uri: str | None = None) -> Path:
     """The student folder of a logged (not necessarily registered) model: ``runs:/RUN_ID/student``
     or ``models:/m-...`` (MLflow 3's logged-model id), downloaded into ``to``."""
+    import mlflow
+
+    from distillery.registry.models import use_store
+
     use_store(tracking_uri)
     dl = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(Path(to) / "download")))
     inner = next((d for d in (dl / STUDENT_ARTIFACT, dl / "student" / STUDENT_ARTIFACT) if d.is_dir()), dl)
@@ -138,17 +159,31 @@ def download_logged(model_uri: str, to: str | Path, tracking_uri: str | None = N
 
 
 def _registry_info(mv: ModelVersion) -> dict[str, Any]:
+    import mlflow
+
     return {"name": mv.name, "version": mv.version, "aliases": list(mv.aliases or []),
             "tags": dict(mv.tags), "run_id": mv.run_id, "source": mv.source,
             "model_uri": f"models:/{mv.name}/{mv.version}", "tracking_uri": mlflow.get_tracking_uri()}
 
 
 def predict_dir(folder: str | Path, image: str | Path | bytes, question: str, backend: str = "auto") -> dict:
-    """Answer one request from a pulled (or trained) student folder; JSON-serializable result
-    (``backend`` as ``StudentPredictor.load``)."""
+    """Answer one request from a pulled (or trained) student folder; JSON-serializable result.
+
+    ``backend``: ``auto`` (default): the torch-free runtime (``students.serving.runtime``) where
+    the folder has current ONNX graphs, int8 first, else the torch student; ``runtime`` (the
+    runtime, failing where it cannot run), ``ort`` (the runtime on the ORT-format graphs);
+    ``torch``, ``onnx``, ``onnx-int8`` as ``StudentPredictor.load`` (torch-side)."""
     from distillery.images import image_source
-    from distillery.students.serving.predictor import StudentPredictor
+    from distillery.students.serving.graphs import runtime_ready
 
     image = str(image) if isinstance(image, Path) else image
-    predictor = StudentPredictor.load(student_dir(folder), device="cpu", backend=backend)
-    return predictor.predict([{"image": image_source(image, where="--image"), "question": question}])[0]
+    model_dir = student_dir(folder)
+    request = {"image": image_source(image, where="--image"), "question": question}
+    if backend in ("runtime", "ort") or (backend == "auto" and runtime_ready(model_dir)):
+        from distillery.students.serving.runtime import StudentRuntime
+
+        return StudentRuntime.load(model_dir, graphs="ort" if backend == "ort" else "auto").predict([request])[0]
+    from distillery.students.serving.predictor import StudentPredictor
+
+    predictor = StudentPredictor.load(model_dir, device="cpu", backend=backend)
+    return predictor.predict([request])[0]

@@ -25,7 +25,9 @@ import os
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from distillery.images import image_source
@@ -37,22 +39,38 @@ OUTPUT_COLUMNS = ("answer", "boxes", "classes", "labels", "scores", "masks", "do
 
 
 class StudentModel(PythonModel):
-    """Wraps ``students.predictor.StudentPredictor`` for MLflow (load, serve, predict)."""
+    """The student for MLflow (load, serve, predict): the torch-free runtime
+    (``students.serving.runtime.StudentRuntime``) where the logged folder has ONNX graphs, else
+    the torch predictor (``students.serving.predictor.StudentPredictor``)."""
 
     def load_context(self, context) -> None:
-        """Device: ``load_model(uri, model_config={"device": "cuda"})``; default cpu."""
-        from distillery.students.serving.predictor import StudentPredictor
+        """Device: ``load_model(uri, model_config={"device": "cuda"})`` runs the torch student
+        there; default cpu (the runtime where it can)."""
+        from distillery.students.serving.graphs import runtime_ready
 
+        folder = context.artifacts["student"]
         device = (context.model_config or {}).get("device", "cpu")
-        self.predictor = StudentPredictor.load(context.artifacts["student"], device=device)
+        if device == "cpu" and runtime_ready(folder):
+            from distillery.students.serving.runtime import StudentRuntime
+
+            self.predictor = StudentRuntime.load(folder)
+        else:
+            from distillery.students.serving.predictor import StudentPredictor
+
+            self.predictor = StudentPredictor.load(folder, device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None,
                 ) -> pd.DataFrame:
         """model_input: DataFrame with ``image`` and ``question`` columns (MLflow converts a
         list of dicts into one; the hint stays a plain DataFrame because MLflow warns on unions);
-        returns one row per request (see module docstring)."""
-        requests = to_requests(model_input, allow_paths=not served())
-        results = self.predictor.predict(requests)
+        returns one row per request (see module docstring). Bad input (a missing column, an image
+        that is not base64 or not an image, an empty question) raises MlflowException with
+        INVALID_PARAMETER_VALUE naming the row and the reason: ``mlflow models serve`` answers 400."""
+        try:
+            requests = to_requests(model_input, allow_paths=not served())
+            results = self.predictor.predict(requests)
+        except ValueError as e:  # (the request checks raise ValueError; anything else is ours: 500)
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame([flatten_prediction(r) for r in results], columns=list(OUTPUT_COLUMNS))
 
 

@@ -18,10 +18,10 @@ from distillery.students.model.student import MultimodalStudent
 from distillery.students.serving.predictor import StudentPredictor
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def trained_student(tmp_path_factory, int8: bool = False):
     """A tiny student trained a little (so that it detects objects and stops its answers), saved
-    and exported."""
+    and exported (with ``int8``: also its int8 graphs, calibrated on its training inputs, and
+    their ORT format); (folder, records)."""
     torch.manual_seed(0)
     spec = load_spec(write_graph(tmp_path_factory.mktemp("graph")))
     records = make_records()
@@ -35,8 +35,13 @@ def folder(tmp_path_factory):
         loss.backward()
         opt.step()
     out = model.save_pretrained(tmp_path_factory.mktemp("student") / "student")
-    assert onnx.export_onnx(out) == out / "onnx"
+    assert onnx.export_onnx(out, calibration=requests_of(records) if int8 else None) == out / "onnx"
     return out, records
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return trained_student(tmp_path_factory)
 
 
 def requests_of(records, questions=None):

@@ -1,4 +1,5 @@
-"""The student on ONNX Runtime: its CPU path at deployment (laptops, phones, servers without torch).
+"""The student's export to ONNX (needs torch): the graphs its torch-free runtime runs
+(``runtime.py``) on laptops, servers, a Raspberry Pi and, in ORT format, phones.
 
 At batch 1 a student this small is bound by the framework's cost per operation, not by
 arithmetic: eager torch spends ~7 ms in the encoder pass that ONNX Runtime runs in ~2.4 ms (its
@@ -10,22 +11,23 @@ export is three graphs in ``<student>/onnx/``, split where the work can overlap:
 * ``text.onnx``: (the stride-16 features, question_ids (B, Lq), question_mask (B, Lq), the conv
   heads' outputs) -> the text heads' raw outputs and, per answer, its first greedy token, the
   logits after it and the key/value cache so far. It runs on a second thread while the
-  detections are post-processed (``OnnxStudent.run``): 0.74x the time of one graph at batch 1.
+  detections are post-processed (``runtime.GraphRunner.run``): 0.74x the time of one graph at batch 1.
 * ``step.onnx``: one greedy step: (tokens (B,), positions (B,), segment (B, 1), the cache) ->
   the next token's logits and the extended cache.
-* ``vision-int8.onnx``, ``text-int8.onnx``: int8 convolutions and matrix products (``quantize``).
+* ``vision-int8.onnx``, ``text-int8.onnx``: int8 convolutions and matrix products (``quantize``),
+  and ``ort/``: these and the step graph in ONNX Runtime's ORT format (``graphs.write_ort``).
 
 ``meta.json`` names the outputs, the answer segments, the layout's ``format`` and the digest of
 the weights and config the graphs were exported from: a student whose files changed is never
-run from stale graphs. Greedy decoding is ``students.decoding.greedy_decode``, the same loop as the torch student's.
+run from stale graphs (``graphs.py`` reads it, without torch).
 
     export_onnx("out/student")                                 # after training (train() does it)
-    StudentPredictor.load("out/student", backend="onnx")       # or "auto": ONNX when it is there
+    StudentRuntime.load("out/student")                         # torch-free (runtime.py)
+    StudentPredictor.load("out/student", backend="onnx")       # the torch predictor on the graphs
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,24 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from distillery.students.model.config import StudentConfig
-from distillery.students.model.decoding import answer_limit, greedy_decode
+from distillery.students.serving.graphs import (FORMAT, META_FILE, ONNX_DIR, STEP, TEXT, TEXT_INT8,  # noqa: F401
+                                                VISION, VISION_INT8, digest, graph_files, has_int8, read_meta,
+                                                write_ort)
+from distillery.students.serving.runtime import GraphRunner, kv_names
 
-ONNX_DIR = "onnx"
-META_FILE = "meta.json"
-VISION, TEXT, STEP = "vision.onnx", "text.onnx", "step.onnx"
-VISION_INT8, TEXT_INT8 = "vision-int8.onnx", "text-int8.onnx"
 OPSET = 17
-FORMAT = 2  # 2: vision / text / step graphs (1, one encoder graph, is treated as stale)
-
-
-def digest(model_dir: str | Path) -> str:
-    """sha256 over the student's weights and config: what the graphs must have been made from."""
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "config.json"):
-        with open(Path(model_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def available() -> bool:
@@ -65,26 +55,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def read_meta(model_dir: str | Path) -> dict[str, Any] | None:
-    """The export's meta.json when it was made from the folder's present weights and config, in
-    this version's layout of graphs."""
-    try:
-        meta = json.loads((Path(model_dir) / ONNX_DIR / META_FILE).read_text())
-        return meta if meta.get("format") == FORMAT and meta.get("digest") == digest(model_dir) else None
-    except (OSError, ValueError):
-        return None
-
-
-def has_int8(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
-    """``meta`` (``read_meta``'s) names int8 vision and text graphs and the files are there."""
-    return bool(meta and "int8" in meta and all((Path(model_dir) / ONNX_DIR / meta["int8"][k]["file"]).is_file()
-                                                for k in ("vision", "text")))
-
-
-def _kv_names(n_layers: int) -> list[str]:
-    return [f"{kind}{i}" for i in range(n_layers) for kind in ("k", "v")]
 
 
 class _Vision(nn.Module):
@@ -198,7 +168,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     keys = [(n, k) for n in text for k in sorted(text[n])]
     answers = [{"node": s.name.split("/")[0], "index": i, "length": int(s.embeds.shape[1])}
                for i, s in enumerate(state["segments"], start=1) if model.heads[s.name.split("/")[0]].generative]
-    kv = _kv_names(len(model.decoder.blocks))
+    kv = kv_names(len(model.decoder.blocks))
     vision_out = _names(conv_keys) + ["p16"]
     text_in, text_out, text_axes = _text_io(conv_keys, keys, len(answers), kv)
     step_in, step_out, step_axes = _step_io(kv)
@@ -223,6 +193,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
                 "opset": OPSET, "torch": torch.__version__}
         if calibration:
             meta["int8"] = quantize(tmp, model, calibration)
+            meta["ort"] = write_ort(tmp, meta)  # the int8 graphs for ONNX Runtime Mobile
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         dst = model_dir / ONNX_DIR
         old = model_dir / f".{ONNX_DIR}-old"
@@ -292,103 +263,33 @@ def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
     return {**info, "weights": "int8 per channel", "activations": "uint8", "calibration_inputs": len(batches)}
 
 
-class OnnxStudent:
-    """``predict_raw`` of a saved student on ONNX Runtime (CPU): the same outputs as
-    ``MultimodalStudent.predict_raw``, so the torch heads' ``postprocess`` reads them.
-
-    ``run(batch, on_conv)`` uses the second core at batch 1: the text graph runs on a worker
-    thread (ONNX Runtime releases the GIL) while ``on_conv`` (e.g. the detection post-processing:
-    NMS, masks, RLE) works on the vision graph's outputs in the calling thread."""
+class OnnxStudent(GraphRunner):
+    """``predict_raw`` of a saved student on ONNX Runtime (CPU) for the torch predictor: the
+    runtime's ``GraphRunner`` (the same sessions, overlap and greedy loop) with torch tensors in
+    and out, so the torch heads' ``postprocess`` reads them as they read the torch student's."""
 
     def __init__(self, onnx_dir: str | Path, cfg, eos_ids: list[int], threads: int | None = None,
                  int8: bool = False, meta: dict[str, Any] | None = None, vision_threads: int | None = None):
-        import onnxruntime as ort
-
         onnx_dir = Path(onnx_dir)
-        self.meta = meta or json.loads((onnx_dir / META_FILE).read_text())
-        if int8 and "int8" not in self.meta:
+        meta = meta or json.loads((onnx_dir / META_FILE).read_text())
+        if int8 and "int8" not in meta:
             raise ValueError(f"{onnx_dir}: no int8 graphs (exported without calibration inputs)")
-        self.int8 = int8
-        self.cfg, self.eos_ids = cfg, list(eos_ids)
-
-        def session(f: str, n: int):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = n
-            opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3  # errors only
-            # Idle ONNX Runtime threads spin-wait by default and take the cores from the torch, PIL
-            # and numpy work between runs (decoding, post-processing): 26 ms instead of 10 a request.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(str(onnx_dir / f), opts, providers=["CPUExecutionProvider"])
-
-        # Threads: the convolutions gain from a second core (the vision graph runs alone: 1.53 vs
-        # 1.78 ms at batch 1); the text graph's small operators do not (waking a thread for each
-        # costs more than it brings), and it shares the cores with ``on_conv``.
-        graphs = self.meta["int8"] if int8 else {"vision": {"file": VISION}, "text": {"file": TEXT}}
-        self.vision = session(graphs["vision"]["file"], vision_threads or threads or min(2, os.cpu_count() or 1))
-        self.text = session(graphs["text"]["file"], threads or 1)
-        self.step_session = session(STEP, threads or 1)
-        self.conv_keys = [tuple(k) for k in self.meta["vision_outputs"]]
-        self.keys = [tuple(k) for k in self.meta["outputs"]]
-        self.kv = _kv_names(int(self.meta["n_layers"]))
-        self._pool = None
-
-    def _text_pool(self):
-        """The text graph's worker thread, made on first use (and again in a forked child, which
-        inherits the pool but not its thread)."""
-        if self._pool is None or self._pool[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="onnx-text"))
-        return self._pool[1]
+        self.int8, self.cfg = int8, cfg
+        super().__init__(graph_files(onnx_dir.parent, meta, "int8" if int8 else "float"), meta, eos_ids,
+                         cfg.max_answer_tokens, threads=threads, vision_threads=vision_threads)
 
     def predict_raw(self, batch: dict[str, Tensor], max_new_tokens: int | None = None) -> dict[str, dict[str, Any]]:
         return self.run(batch, max_new_tokens=max_new_tokens)[0]
 
     def run(self, batch: dict[str, Tensor], on_conv=None, max_new_tokens: int | None = None) -> tuple[dict, Any]:
-        """(raw outputs of every head, ``on_conv(conv_raw)``'s result or None). ``on_conv`` gets
-        the conv heads' raw outputs and runs while the text graph does."""
-        vis = self.vision.run(None, {"images": batch["images"].cpu().numpy()})
-        feed = {"p16": vis[-1], "question_ids": batch["question_ids"].cpu().numpy(),
-                "question_mask": batch["question_mask"].cpu().numpy(),
-                **{f"{n}.{k}": v for (n, k), v in zip(self.conv_keys, vis)}}
-        raw: dict[str, dict[str, Any]] = {}
-        for (node, key), value in zip(self.conv_keys, vis):
-            raw.setdefault(node, {})[key] = torch.from_numpy(value)
-        done = None
-        if on_conv is None:
-            out = self.text.run(None, feed)
-        else:
-            pending = self._text_pool().submit(self.text.run, None, feed)
-            try:
-                done = on_conv(raw)  # (only the conv heads' outputs so far)
-            finally:
-                out = pending.result()
-        for (node, key), value in zip(self.keys, out):
-            raw.setdefault(node, {})[key] = torch.from_numpy(value)
-        n_q, at = out[len(self.keys)], len(self.keys) + 1
-        per_answer = 4 + len(self.kv)  # first, logits, cache seg and valid, keys and values
-        for ans in self.meta["answers"]:
-            first, logits, *cache = out[at:at + per_answer]
-            at += per_answer
-            raw[ans["node"]]["answer_ids"] = self._greedy(first, logits, n_q, cache, ans, max_new_tokens)
-        return raw, done
+        """(raw outputs of every head as tensors, ``on_conv(conv_raw)``'s result or None)."""
+        arrays = {k: batch[k].cpu().numpy() for k in ("images", "question_ids", "question_mask")}
+        wrap = None if on_conv is None else (lambda raw: on_conv(_tensors(raw)))
+        raw, done = super().run(arrays, on_conv=wrap, max_new_tokens=max_new_tokens)
+        return _tensors(raw), done
 
-    def _greedy(self, first: np.ndarray, logits: np.ndarray, n_q: np.ndarray, cache: list[np.ndarray], ans: dict,
-                max_new_tokens: int | None) -> list[list[int]]:
-        """The text graph chose the first token and ran the step after it; go on from there."""
-        seg = np.full((first.shape[0], 1), ans["index"], dtype=np.int64)
-        state = list(cache)
 
-        def step(tokens: Tensor, pos: Tensor) -> Tensor:
-            feed = {"tokens": tokens.numpy(), "pos": pos.numpy(), "seg": seg, "past_seg": state[0],
-                    "past_valid": state[1], **{f"past_{n}": t for n, t in zip(self.kv, state[2:])}}
-            out, *state[:] = self.step_session.run(None, feed)
-            return torch.from_numpy(out)
-
-        limit = answer_limit(self.cfg, max_new_tokens)
-        firsts = first.tolist()
-        ended = torch.isin(torch.from_numpy(first), torch.tensor(self.eos_ids))
-        rest = greedy_decode(torch.from_numpy(logits), step, torch.from_numpy(n_q) + ans["length"] + 1,
-                             self.eos_ids, limit - 1, done=ended) if limit > 1 else [[] for _ in firsts]
-        return [[] if f in self.eos_ids else [f] + r for f, r in zip(firsts, rest)]
+def _tensors(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Raw outputs with their arrays as tensors (sharing memory); token-id lists as they are."""
+    return {n: {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in d.items()}
+            for n, d in raw.items()}

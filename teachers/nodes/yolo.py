@@ -9,7 +9,6 @@ anchor indices NMS kept, and we read those anchors' class rows from the raw head
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +16,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from distillery import rle
+from distillery.detections import describe_detections, large_labels  # noqa: F401  (the node's summary)
 from distillery.teachers.base import ItemError, NodeConfig, NodeInput, TeacherNode, register_node
 
 
@@ -50,25 +50,6 @@ class YoloConfig(NodeConfig):
         if self.large_area is not None and self.task != "segment":
             raise ValueError("large_area is measured on the masks: it needs task: segment")
         return self
-
-
-# -- helpers other modules use ----------------------------------------------------------------
-def describe_detections(labels: list[str], large: list[str] | None = None) -> str:
-    """Counts per label, sorted by label: ``"blue square x1, red circle x2"``; ``"nothing"`` if none.
-
-    ``large``: the labels of the large objects (a sub-multiset of ``labels``, from the masks'
-    areas); a label with some gets their count, ``"red circle x2 (1 large)"``. Teacher summaries,
-    the student's and the demo's ground truth all go through this, so prompts match."""
-    counts, big = Counter(labels), Counter(large or ())
-    return ", ".join(f"{label} x{counts[label]}" + (f" ({big[label]} large)" if big[label] else "")
-                     for label in sorted(counts)) or "nothing"
-
-
-def large_labels(labels: list[str], areas: list[float], large_area: float | None) -> list[str] | None:
-    """The labels whose mask area (fraction of the image) reaches ``large_area``; None when unset."""
-    if large_area is None:
-        return None
-    return [label for label, a in zip(labels, areas, strict=True) if a >= large_area]
 
 
 # -- the predictor that keeps the soft labels -------------------------------------------------

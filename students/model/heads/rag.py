@@ -14,6 +14,7 @@ from distillery.students.model import losses
 from distillery.students.model.config import StudentConfig
 from distillery.students.model.heads.base import (Features, Head, Output, Segment, Target, TargetContext, pad,
                                                   present_mask, register_head)
+from distillery.students.model.arrays import documents
 from distillery.students.model.scores import retrieval_agreement
 from distillery.teachers.nodes.rag import read_documents
 
@@ -90,9 +91,6 @@ class RetrievalHead(Head):
                                      self.cfg.retrieval_temperature, self.cfg.retrieval_ce_weight)
 
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
-        """Top-k documents (k as the teacher's) and the student's probability for each."""
-        probs = out["logits"][i].float().softmax(-1)  # (D,)
-        k = min(int(self.node.get("top_k", 3)), probs.numel())
-        scores, idx = probs.topk(k)
-        doc_ids = self.node["doc_ids"]
-        return {"ids": [doc_ids[j] for j in idx.tolist()], "scores": scores.tolist()}
+        """Top-k documents (k as the teacher's) and the student's probability for each
+        (``students.model.arrays.documents``, which the torch-free runtime runs too)."""
+        return documents(out["logits"][i].float().cpu().numpy(), self.node)

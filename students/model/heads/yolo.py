@@ -11,14 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from distillery import rle
 from distillery.students.model import losses
 from distillery.students.model.config import StudentConfig
 from distillery.students.model.heads.base import (Features, Head, Output, Target, TargetContext, conv_bn_act,
                                                   lengths_mask, mean_embed, pad, padded, present_mask, register_head)
-from distillery.students.model.masks import instance_masks
+from distillery.students.model.arrays import detection_thresholds, detections
 from distillery.students.model.scores import detection_map, mean_mask_iou
 
 
@@ -133,10 +132,8 @@ class DetectionHead(Head):
 
     # -- what the text decoder reads: detections per class ------------------------------------
     def thresholds(self) -> tuple[float, float, int]:
-        node, cfg = self.node, self.cfg
-        conf = cfg.det_conf if cfg.det_conf is not None else node.get("conf", 0.25)
-        iou = cfg.det_iou if cfg.det_iou is not None else node.get("iou", 0.7)
-        return conf, iou, cfg.max_det or node.get("max_det", 100)
+        """(confidence, NMS IoU, max detections): the student config's where set, else the node's."""
+        return detection_thresholds(self.cfg.model_dump(include={"det_conf", "det_iou", "max_det"}), self.node)
 
     def peak_scores(self, cls_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Heatmap peaks (3 x 3 local maxima, CenterNet): per location the best peak class and
@@ -259,7 +256,7 @@ class DetectionHead(Head):
     def summary_ids(self, counts: Tensor, tokenizer, large: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The detection summary ("blue square x1, red circle x2 (1 large)", ``describe_detections``)
         as token ids (B, L) and validity: what the teacher LLM read in its prompt."""
-        from distillery.teachers.nodes.yolo import describe_detections
+        from distillery.detections import describe_detections
 
         names = self.node.get("class_names", [])
         name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
@@ -287,29 +284,11 @@ class DetectionHead(Head):
         return total
 
     def postprocess(self, out: dict[str, Any], i: int, image_size: tuple[int, int]) -> dict[str, Any]:
-        """Heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold, class-aware
-        NMS as a safety net, masks at the original image size as COCO RLE (``students.masks``)."""
-        from distillery.teachers.nodes.yolo import describe_detections, large_labels
-
-        conf, iou, max_det = self.thresholds()
-        scores, classes, probs = (t[0] for t in self.peak_scores(out["cls"][i:i + 1]))  # (P,), (P,), (P, C)
-        keep = (scores > conf).nonzero().view(-1)
-        keep = keep[scores[keep].argsort(descending=True)[: max(4 * max_det, 100)]]
-        boxes = out["boxes"][i].float().clamp(0, 1)
-        keep = keep[batched_nms(boxes[keep], scores[keep], classes[keep], iou)][:max_det]
-        names = self.node.get("class_names", [])
-        labels = [names[c] if c < len(names) else str(c) for c in classes[keep].tolist()]
-        h, w = image_size
-        res = {"boxes": boxes[keep].tolist(), "classes": classes[keep].tolist(), "scores": scores[keep].tolist(),
-               "class_probs": probs[keep].tolist(), "labels": labels, "masks": [],
-               "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
-        if self.segment:
-            logits = torch.einsum("nm,mhw->nhw", out["coef"][i][keep].float(), out["protos"][i].float())
-            res["masks"] = [rle.encode(m) for m in instance_masks(logits.cpu().numpy(), boxes[keep].cpu().numpy(), (h, w))]
-            res["areas"] = [round(rle.area(r) / (h * w), 6) for r in res["masks"]]
-            if self.large_area is not None:
-                res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], self.large_area))
-        return res
+        """Heatmap peaks above the confidence threshold, class-aware NMS, masks at the original
+        image size as COCO RLE: ``students.model.arrays.detections``, which the torch-free runtime
+        runs too."""
+        one = {k: out[k][i].float().cpu().numpy() for k in ("cls", "boxes", "coef", "protos") if k in out}
+        return detections(one, self.node, self.cfg.image_size // 8, self.thresholds(), image_size)
 
 
 # -- targets ---------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The student's inputs and outputs on numpy arrays: no torch here.
+
+What both ways of running a student share, so each rule is written once: the torch heads'
+``postprocess`` (``heads/yolo.py``, ``heads/rag.py``) and the torch-free runtime
+(``students/serving/runtime.py``, ONNX Runtime) call these on one image's raw outputs.
+
+* ``image_array``: an RGB image -> (3, S, S) uint8, as the student sees it;
+* ``detections``: heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold,
+  class-aware NMS as a safety net, masks at the original image size as COCO RLE;
+* ``documents``: the top-k documents and the student's probability for each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from distillery import rle
+from distillery.detections import describe_detections, large_labels
+from distillery.students.model.masks import instance_masks
+
+
+def image_array(img: Image.Image, size: int, downscale: str = "reduce") -> np.ndarray:
+    """RGB image -> (3, size, size) uint8, resized (aspect ratio not kept, like the boxes);
+    ``downscale`` as ``StudentConfig.downscale`` ("reduce": PIL's reducing_gap, else plain bilinear)."""
+    img = img.resize((size, size), Image.BILINEAR, reducing_gap=1.0 if downscale == "reduce" else None)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def detection_thresholds(cfg: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[float, float, int]:
+    """(confidence, NMS IoU, max detections): the student config's where set, else the teacher node's."""
+    conf = cfg.get("det_conf") if cfg.get("det_conf") is not None else node.get("conf", 0.25)
+    iou = cfg.get("det_iou") if cfg.get("det_iou") is not None else node.get("iou", 0.7)
+    return float(conf), float(iou), int(cfg.get("max_det") or node.get("max_det", 100))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float32)))
+
+
+def peak_scores(cls_logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's heatmap peaks: cls_logits (P, C) on an n x n grid (P = n * n) -> per location
+    the best peak class's score (P,), that class (P,), and every class score (P, C)."""
+    probs = sigmoid(cls_logits)  # (P, C)
+    P, C = probs.shape
+    grid = probs.T.reshape(C, n, n)
+    padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    pooled = np.max([padded[:, dy:dy + n, dx:dx + n] for dy in range(3) for dx in range(3)], axis=0)  # 3 x 3 max
+    peaks = (grid == pooled).reshape(C, P).T  # (P, C)
+    masked = probs * peaks
+    classes = masked.argmax(-1)
+    return masked[np.arange(P), classes], classes, probs
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """Class-aware non-maximum suppression (as ``torchvision.ops.batched_nms``): the indices kept,
+    by decreasing score; a box is dropped when it overlaps a kept box of its class by IoU > ``iou``."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    shifted = boxes + (classes.astype(np.float32) * (float(boxes.max()) + 1))[:, None]  # classes never overlap
+    x1, y1, x2, y2 = shifted.T
+    areas = (x2 - x1) * (y2 - y1)
+    order, keep = np.argsort(-scores, kind="stable"), []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        order = rest[inter / (areas[i] + areas[rest] - inter) <= iou]
+    return np.asarray(keep, np.int64)
+
+
+def detections(out: Mapping[str, np.ndarray], node: Mapping[str, Any], grid: int, thresholds: tuple[float, float, int],
+               image_size: tuple[int, int]) -> dict[str, Any]:
+    """One image's detection head outputs (``cls`` (P, C) logits, ``boxes`` (P, 4) normalized
+    xyxy, with masks ``coef`` (P, M) and ``protos`` (M, h, w)) -> the teacher node's output:
+    boxes, classes, scores, class_probs, labels, masks (COCO RLE at ``image_size`` (H, W)), summary,
+    count, image_size (and areas with masks)."""
+    conf, iou, max_det = thresholds
+    scores, classes, probs = peak_scores(np.asarray(out["cls"], np.float32), grid)  # (P,), (P,), (P, C)
+    keep = np.flatnonzero(scores > conf)
+    keep = keep[np.argsort(-scores[keep], kind="stable")[: max(4 * max_det, 100)]]
+    boxes = np.clip(np.asarray(out["boxes"], np.float32), 0, 1)
+    keep = keep[nms(boxes[keep], scores[keep], classes[keep], iou)][:max_det]
+    names = node.get("class_names", [])
+    labels = [names[c] if c < len(names) else str(c) for c in classes[keep].tolist()]
+    h, w = image_size
+    res = {"boxes": boxes[keep].tolist(), "classes": classes[keep].tolist(), "scores": scores[keep].tolist(),
+           "class_probs": probs[keep].tolist(), "labels": labels, "masks": [],
+           "summary": describe_detections(labels), "count": len(labels), "image_size": [h, w]}
+    if node.get("task") == "segment" and "coef" in out:
+        protos = np.asarray(out["protos"], np.float32)  # (M, h, w)
+        coef = np.asarray(out["coef"], np.float32)[keep]  # (n, M)
+        logits = (coef @ protos.reshape(len(protos), -1)).reshape(len(keep), *protos.shape[1:])  # (n, h, w)
+        res["masks"] = [rle.encode(m) for m in instance_masks(logits, boxes[keep], (h, w))]
+        res["areas"] = [round(rle.area(r) / (h * w), 6) for r in res["masks"]]
+        large = node.get("large_area")
+        if large is not None:
+            res["summary"] = describe_detections(labels, large_labels(labels, res["areas"], large))
+    return res
+
+
+def documents(logits: np.ndarray, node: Mapping[str, Any]) -> dict[str, Any]:
+    """One image's retrieval logits (D,) -> the top-k documents (k as the teacher's) and the
+    student's probability for each: ``{"ids": [...], "scores": [...]}``."""
+    x = np.asarray(logits, np.float32)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    k = min(int(node.get("top_k", 3)), probs.size)
+    idx = np.argsort(-probs, kind="stable")[:k]
+    doc_ids = node["doc_ids"]
+    return {"ids": [doc_ids[j] for j in idx.tolist()], "scores": probs[idx].tolist()}
