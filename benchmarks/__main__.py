@@ -53,6 +53,15 @@ GOALS = [
     ("reliability", "registry_aliases_consistent", "true", lambda v: v is True),
     ("reliability", "train_killed_then_resumed_bit_identical", "true (same weights as a straight run)",
      lambda v: v is True),
+    ("coldstart", "runtime_cold_s", "<= 1.0 s (process start to first answer)", lambda v: v <= 1.0),
+    ("coldstart", "runtime_peak_rss_mb", "<= 150 MB", lambda v: v <= 150),
+    ("coldstart", "steady_ratio", "<= 1.0 (runtime / torch predictor on the int8 graphs, batch 1)", lambda v: v <= 1.0),
+    ("coldstart", "cold_speedup", "(torch predictor / runtime)", None),
+    ("coldstart", "cli_runtime_cold_s", "(distillery predict, s)", None),
+    ("coldstart", "phone_bundle_mb", "(ORT graphs + tokenizer + meta)", None),
+    ("coldstart", "int8_same_answer", "(runtime vs torch student, 200 test requests)", None),
+    ("coldstart", "float_same_answer", "1.0 (float graphs vs torch student)", lambda v: v == 1.0),
+    ("coldstart", "int8_identical_to_torch_predictor", "1.0", lambda v: v == 1.0),
     ("serve_http", "http_over_in_process_p50", "(HTTP p50 / in-process p50, concurrency 1)", None),
     ("serve_http", "c8_over_c1_rps", "(requests/s at concurrency 8 / 1)", None),
 ]
@@ -61,8 +70,8 @@ GOALS = [
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
-MODULES = ["demo", "record", "student", "fidelity", "serve_http", "reliability"]
-SHARES_WORKDIR = {"demo", "student", "fidelity", "serve_http"}
+MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "reliability"]
+SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http"}
 HERE = Path(__file__).parent
 
 
