@@ -67,7 +67,7 @@ COUNTING_CHILD = textwrap.dedent("""
 
 
 # The remote teacher's faults (the openai node) and the test that plays each against a real HTTP
-# server process (tests/openai_server.py): listed in RESULTS.md's reliability table.
+# server process (demo/openai_server.py): listed in RESULTS.md's reliability table.
 REMOTE_FAULTS = {
     "429 with Retry-After (honoured, then answered)": "test_faults_quarantine_only_their_input_and_a_rerun_records_nothing_twice",
     "500 every time (status retry; the next run asks again, replacing the record)": "same test",

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from rich.console import Console
 
 from distillery import runtime
+from distillery.demo.spec import PRESETS, write_spec  # noqa: F401 - the demo's spec; callers import it from here
 
 console = Console(stderr=True)
 
@@ -28,6 +28,7 @@ console = Console(stderr=True)
 class DemoReport:
     workdir: str
     preset: str
+    teacher: str = "llm"  # the reasoner: in process (llm), or also as a black box (openai)
     stages: list[dict] = field(default_factory=list)  # name, seconds, status
     figures: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
@@ -54,52 +55,6 @@ def default_workdir() -> Path:
     return runtime.data_dir() / "demo"
 
 
-# Student, training and registry settings per preset. `tiny` is a plumbing check (CI); `full` is
-# sized to meet the goals on 2 CPU cores within the demo's time budget.
-PRESETS = {
-    "tiny": {"training": {"epochs": 1, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 50,
-                          "val_fraction": 0.25},
-             "registry": {"gate": {}}},
-    # The student: a lighter vision encoder than the library default and 2 x 2 image tokens (the
-    # answer reads the per-class count slots; the image tokens add little), for batch-1 speed.
-    # Dropout 0.1 on the text decoder's residual branches: without it the text side memorizes its
-    # 2,400 training answers (test agreement 0.90 after 11 epochs; with it 0.930 after 10 epochs,
-    # 0.922 after 8, which keep the cold demo in its budget: training 540 s instead of 780). max_det
-    # 20: a scene holds at most 7 objects, and the large counts decode masks for that many peaks only.
-    "full": {"student": {"vision_widths": [16, 24, 48, 96], "det_width": 48, "image_grid": 2, "dropout": 0.1,
-                         "max_det": 20},
-             "training": {"epochs": 8, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "text_echo": 6,
-                          "checkpoint_every": 200, "val_fraction": 0.1, "agreement_every": 4},
-             "registry": {"gate": {"answer_agreement": 0.9}}},
-}
-
-
-def write_spec(path: Path, name: str, yolo_weights: Path, kb: Path, llm_dir: Path, preset: str) -> Path:
-    """The demo's spec: a YOLO segmenter (whose masks say which objects are large), a MiniLM+FAISS
-    retriever and a reasoning LLM."""
-    from distillery.demo.kb import LARGE_AREA, PROMPT_TEMPLATE
-
-    spec = {
-        "name": name,
-        "inputs": {"default_question": "How many hazards are there?"},
-        "teachers": {
-            "detector": {"type": "yolo", "weights": str(yolo_weights), "task": "segment",
-                         "imgsz": 160, "conf": 0.25, "batch_size": 16, "large_area": LARGE_AREA},
-            "retriever": {"type": "rag", "documents": str(kb), "embedder": "all-MiniLM-L6-v2",
-                          "query": "{request.question}", "top_k": 4,
-                          "cache_dir": str(path.parent / "cache" / "rag-index")},
-            "reasoner": {"type": "llm", "model": str(llm_dir), "prompt": PROMPT_TEMPLATE,
-                         "max_new_tokens": 96, "batch_size": 16},
-        },
-        "record": {"shard_size": 128},
-        **PRESETS[preset],
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
-    os.replace(tmp, path)
-    return path
-
-
 def prepare_workdir(workdir: Path, fresh: bool = False) -> Path:
     """Create the demo workdir (marked as one); ``fresh``: delete it first, only if it is a demo's."""
     workdir = Path(workdir).resolve()
@@ -113,13 +68,22 @@ def prepare_workdir(workdir: Path, fresh: bool = False) -> Path:
     return workdir
 
 
+TEACHERS = ("llm", "openai")
+
+
 def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = False,
-             train_teachers: bool = False) -> DemoReport:
-    """Run every stage; returns the report (also written to ``workdir/report.json``)."""
+             train_teachers: bool = False, teacher: str = "llm") -> DemoReport:
+    """Run every stage; returns the report (also written to ``workdir/report.json``).
+
+    teacher: ``llm`` (the reasoner in process: the standard demo); ``openai``: the standard demo,
+    then the reasoner as a black box behind an OpenAI-compatible server on 127.0.0.1, distilled
+    from its top-k log-probs and from its text only (``demo.blackbox``; figures under ``black_box``)."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"--teacher {teacher!r}: choose one of {', '.join(TEACHERS)}")
     workdir = prepare_workdir(Path(workdir or default_workdir()), fresh)
     runtime.configure()
     t_start = time.perf_counter()
-    rep = DemoReport(workdir=str(workdir), preset=preset)
+    rep = DemoReport(workdir=str(workdir), preset=preset, teacher=teacher)
 
     from distillery.demo.teachers import ensure_teachers
     from distillery.demo.world import WorldConfig, build_world
@@ -160,6 +124,10 @@ def run_demo(workdir: Path | None = None, preset: str = "full", fresh: bool = Fa
     rep.stage("pull and predict", lambda: _pull_and_predict(rep, model_ref, world, workdir))
     rep.figures["speed"] = rep.stage("speed (student vs teacher graph, batch 1)",
                                      lambda: _speed(Path(rep.paths["pulled_student"]), spec, world))
+    if teacher == "openai":
+        from distillery.demo.blackbox import run_blackbox
+
+        run_blackbox(rep, world, teachers, preset, workdir)
     rep.figures["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     rep.commands["read_traces"] = (f"python -c \"import lance; print(lance.dataset('{traces['train']}')"
                                    ".to_table().to_pandas().head())\"")

@@ -91,6 +91,9 @@ def demo(
     preset: str = typer.Option("full", "--preset", help="full (meets the quality floors) or tiny (CI, quick look)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and rebuild everything."),
     train_teachers: bool = typer.Option(False, "--train-teachers", help="Retrain the demo teachers instead of using the shipped weights."),
+    teacher: str = typer.Option("llm", "--teacher", help="llm (the reasoner in process) or openai (then also the "
+                                "reasoner as a black box behind an OpenAI-compatible server on 127.0.0.1, distilled "
+                                "from its top-k log-probs and from its text only)."),
 ) -> None:
     """Run the whole platform on a synthetic world: world, teachers, record, train, register, predict."""
     import os
@@ -99,6 +102,9 @@ def demo(
 
     if preset not in ("full", "tiny"):
         console.print(f"[red]--preset {preset!r}: choose full or tiny[/red]")
+        raise typer.Exit(2)
+    if teacher not in ("llm", "openai"):
+        console.print(f"[red]--teacher {teacher!r}: choose llm or openai[/red]")
         raise typer.Exit(2)
     try:  # (before Prefect starts: --fresh deletes the workdir, Prefect's home with it)
         wd = prepare_workdir(workdir or default_workdir(), fresh)
@@ -111,7 +117,7 @@ def demo(
     from distillery.demo.pipeline import run_demo
 
     with runtime.local_prefect():
-        run_demo(wd, preset=preset, train_teachers=train_teachers)
+        run_demo(wd, preset=preset, train_teachers=train_teachers, teacher=teacher)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The `openai` node against a real HTTP server process (tests/openai_server.py) that serves a tiny
+"""The `openai` node against a real HTTP server process (demo/openai_server.py) that serves a tiny
 Llama the tests train, through the in-process ``llm`` node's own generation: answers and soft labels
 equal the ``llm`` node's; faults (429 + Retry-After, 500, a hang, a malformed body, an outage) lose
 nothing and record nothing twice; requests overlap up to ``max_concurrency``; the key never leaks.
@@ -9,15 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -25,7 +20,7 @@ from PIL import Image
 from pydantic import ValidationError
 from test_node_llm import PROMPT, save_tiny_llm
 
-from distillery.prefect_server import die_with
+from distillery.demo.openai_server import TeacherServer as Server
 from distillery.teachers.base import ItemError, NodeInput, TransientError
 from distillery.teachers.nodes.llm import LLMConfig, LLMNode
 from distillery.teachers.nodes.openai import OpenAIConfig, OpenAINode
@@ -33,7 +28,6 @@ from distillery.teachers.remote import Pacer, retry_after
 
 KEY = f"sk-test-{uuid.uuid4().hex}"  # what the server demands; must never be written anywhere
 ENV = "TEACHER_API_KEY"
-SERVER = Path(__file__).with_name("openai_server.py")
 
 
 @pytest.fixture(scope="session")
@@ -47,59 +41,10 @@ def tiny_model(tmp_path_factory) -> str:
         torch.set_num_threads(threads)
 
 
-class Server:
-    """tests/openai_server.py as a child process on 127.0.0.1; ``stop``/``start`` model an outage."""
-
-    def __init__(self, model: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.model, self.proc = model, None
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = f"{self.url}/v1"
-
-    def start(self) -> None:
-        env = os.environ | {"OPENAI_SERVER_KEY": KEY, "DISTILLERY_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-                            "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(SERVER), "--model", self.model, "--port", str(self.port)],
-                                     env=env, preexec_fn=die_with(os.getpid()))  # dies with the tests
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"openai test server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("openai test server did not start within 90 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def script(self, *faults: dict, fingerprint: str = "fp_test") -> None:
-        """Replace the scripted faults and reset the statistics."""
-        httpx.post(f"{self.url}/control", json={"faults": list(faults), "fingerprint": fingerprint}, timeout=5)
-
-    def stats(self) -> dict:
-        return httpx.get(f"{self.url}/stats", timeout=5).json()
-
-
 @pytest.fixture(scope="session")
 def server(tiny_model):
-    srv = Server(tiny_model)
-    try:
-        srv.start()
+    with Server(tiny_model, env={"OPENAI_SERVER_KEY": KEY}) as srv:  # started, always stopped
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -332,6 +277,26 @@ def test_requests_overlap_up_to_max_concurrency(server, concurrency):
     assert all(o["answer"] == "the answer is blue ." for o in outs)
     assert server.stats()["max_in_flight"] == concurrency
     assert seconds >= 8 * 0.25 / concurrency
+
+
+def test_the_server_batches_waiting_requests_as_vllm_does(tiny_model, reference):
+    """``--max-batch``: requests waiting with the same settings are generated together (the demo
+    and the benchmark serve so); the answers stay the llm node's."""
+    from distillery.demo.openai_server import Batcher, ServedLLM
+
+    node = ServedLLM("served", LLMConfig(model=tiny_model, prompt="-", device="cpu"))
+    node.load()
+    batcher, sizes = Batcher(node, max_batch=2), []
+    run = batcher._run
+    batcher._run = lambda cfg, prompts: sizes.append(len(prompts)) or run(cfg, prompts)
+    body = {"max_tokens": 24, "top_logprobs": 5, "logprobs": True}
+
+    async def requests() -> list[dict]:
+        return await asyncio.gather(*(batcher.generate(p, body) for p in PROMPTS * 2))
+
+    outs = asyncio.run(requests())
+    assert sizes == [2, 2, 2]  # six requests in flight, two at a time
+    assert [o["answer"] for o in outs] == [r["answer"] for r in reference[24]] * 2
 
 
 def test_pacer_and_retry_after():
