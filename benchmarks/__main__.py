@@ -62,6 +62,9 @@ GOALS = [
     ("coldstart", "int8_same_answer", "(runtime vs torch student, 200 test requests)", None),
     ("coldstart", "float_same_answer", "1.0 (float graphs vs torch student)", lambda v: v == 1.0),
     ("coldstart", "int8_identical_to_torch_predictor", "1.0", lambda v: v == 1.0),
+    ("openai_record", "ratio_remote", ">= 5x (concurrency 8 / 1, remote-like server: +1.0 s a request)",
+     lambda v: v >= 5),
+    ("openai_record", "ratio_local", "(the LLM computed on this machine: its CPU is the limit)", None),
     ("serve_http", "http_over_in_process_p50", "(HTTP p50 / in-process p50, concurrency 1)", None),
     ("serve_http", "c8_over_c1_rps", "(requests/s at concurrency 8 / 1)", None),
 ]
@@ -70,7 +73,7 @@ GOALS = [
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
-MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "reliability"]
+MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "openai_record", "reliability"]
 SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http"}
 HERE = Path(__file__).parent
 
