@@ -13,26 +13,41 @@ import psutil
 import pytest
 
 
+WHITE_BOX_AGREEMENT = 0.5  # stands in for the white-box student's figure (the standard demo's part)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tiny_demo, tmp_path_factory, prefect_harness):
-    """One demo run with ``teacher="openai"``; the tiny teachers come from the session's tiny_demo."""
+    """The black-box stage of ``run_demo(teacher="openai")`` on the session's tiny world and teachers
+    (the standard demo before it is tests/test_demo.py's)."""
     import mlflow
 
-    from distillery.demo.pipeline import run_demo
+    from distillery.demo.blackbox import run_blackbox
+    from distillery.demo.pipeline import DemoReport
 
     workdir = tmp_path_factory.mktemp("demo-openai")
     llm_root = tiny_demo["teachers"].llm_dir.parent
     shutil.copytree(llm_root, workdir / "teachers" / llm_root.name)
+    rep = DemoReport(workdir=str(workdir), preset="tiny", teacher="openai")
+    rep.figures["student"] = {"fidelity_vs_teacher": {"reasoner": {"answer_em": WHITE_BOX_AGREEMENT}}}
     before = mlflow.get_tracking_uri()
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")  # a registry of its own
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     try:
-        run_demo(workdir, preset="tiny", teacher="openai")
+        run_blackbox(rep, tiny_demo["world"], tiny_demo["teachers"], "tiny", workdir)
     finally:
         mp.undo()
         mlflow.set_tracking_uri(before)
-    return {"workdir": workdir, "report": json.loads((workdir / "report.json").read_text())}
+    return {"workdir": workdir, "report": {"teacher": rep.teacher, "figures": rep.figures},
+            "train_requests": len(tiny_demo["world"].annotations("train")["requests"])}
+
+
+def test_the_demo_refuses_an_unknown_teacher_naming_the_choices(tmp_path):
+    from distillery.demo.pipeline import run_demo
+
+    with pytest.raises(ValueError, match="--teacher 'vllm': choose one of llm, openai"):
+        run_demo(tmp_path, preset="tiny", teacher="vllm")
 
 
 def reasoner_outputs(traces: str) -> list[dict]:
@@ -44,7 +59,7 @@ def reasoner_outputs(traces: str) -> list[dict]:
 def test_black_box_records_from_the_server_and_trains_a_student_per_mode(demo_run):
     fig = demo_run["report"]["figures"]
     bb = fig["black_box"]
-    white_written = fig["record_train"]["written"]
+    white_written = demo_run["train_requests"]
     assert demo_run["report"]["teacher"] == "openai" and bb["server"]["base_url"].startswith("http://127.0.0.1:")
     for mode in ("topk", "text"):
         rec = bb[mode]["record_train"]
@@ -54,7 +69,7 @@ def test_black_box_records_from_the_server_and_trains_a_student_per_mode(demo_ru
         assert bb[mode]["registered"]["model_name"] == f"shapes-tiny-openai-{mode}"
         assert 0.0 <= bb[mode]["answer_agreement"] <= 1.0  # the student vs its black-box teacher
         assert bb["answer_agreement"][f"black_box_{mode}"] == bb[mode]["answer_agreement"]
-    assert bb["answer_agreement"]["white_box"] == fig["student"]["fidelity_vs_teacher"]["reasoner"]["answer_em"]
+    assert bb["answer_agreement"]["white_box"] == WHITE_BOX_AGREEMENT  # side by side with the white box
     assert bb["topk"]["soft_labels"] == 1.0 and bb["text"]["soft_labels"] == 0.0
 
 
