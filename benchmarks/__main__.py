@@ -62,6 +62,9 @@ GOALS = [
     ("coldstart", "int8_same_answer", "(runtime vs torch student, 200 test requests)", None),
     ("coldstart", "float_same_answer", "1.0 (float graphs vs torch student)", lambda v: v == 1.0),
     ("coldstart", "int8_identical_to_torch_predictor", "1.0", lambda v: v == 1.0),
+    ("dask_record", "dask2_over_dask1_speed", ">= 1.6 (records/s, 2 vs 1 worker process)", lambda v: v >= 1.6),
+    ("dask_record", "dask1_over_local_time", "<= 1.10 (Dask, 1 worker / local runner)", lambda v: v <= 1.10),
+    ("dask_record", "graph_loads_per_worker", "1 per worker (none after its first shard)", None),
     ("openai_record", "ratio_remote", ">= 5x (concurrency 8 / 1, remote-like server: +1.0 s a request)",
      lambda v: v >= 5),
     ("openai_record", "ratio_local", "(the LLM computed on this machine: its CPU is the limit)", None),
@@ -73,7 +76,7 @@ GOALS = [
 PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs_truth.")
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
-MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "openai_record", "reliability"]
+MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "openai_record", "dask_record", "reliability"]
 SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http"}
 HERE = Path(__file__).parent
 

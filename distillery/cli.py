@@ -8,7 +8,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Literal, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -45,13 +45,27 @@ def record(
     inputs: Path = typer.Option(..., "--inputs", help="Folder of images, optionally with requests.jsonl."),
     traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI (default: next to the spec)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    runner: Optional[Literal["local", "dask"]] = typer.Option(
+        None, "--runner", help="Where the node tasks run: local (this process) or dask (Dask worker "
+                               "processes, each loading the graph once). Default: the spec's record.runner."),
+    dask_address: Optional[str] = typer.Option(
+        None, "--dask-address", help="Scheduler of an existing Dask cluster (tcp://host:8786; implies "
+                                     "--runner dask). Without it, --runner dask starts a LocalCluster."),
+    dask_workers: Optional[int] = typer.Option(
+        None, "--dask-workers", min=1, help="Worker processes of that LocalCluster (default: the spec's, 2)."),
 ) -> None:
     """Run the teacher graph over inputs (the Prefect `record` flow) and store the traces."""
     runtime.configure()
     s = _load_spec(spec)
     uri = traces or str(spec.resolve().parent / "traces.lance")
-    from distillery.flows.record import run_record
+    from pydantic import ValidationError
 
+    from distillery.flows.record import run_record, with_runner
+
+    try:
+        s = with_runner(s, runner, dask_address, dask_workers)
+    except ValidationError as e:
+        _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
     summary = run_record(s, inputs, uri, show_progress=not as_json)
     if as_json:
         keys = ("written", "skipped", "quarantined", "to_retry", "by_reason", "traces", "version", "seconds",

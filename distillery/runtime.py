@@ -44,6 +44,8 @@ def configure(offline: bool | None = None) -> None:
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("DO_NOT_TRACK", "true")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s for its temporary server to start is too short on a busy 2-core machine
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("YOLO_AUTOINSTALL", "false")  # Ultralytics must never pip-install at run time

@@ -8,6 +8,10 @@ behind an API).
 Each shard's records are committed in the flow itself, one atomic append (a task run per commit
 cost more than the commit). Parameters are the pydantic ``Spec`` so the Prefect UI renders a
 typed form.
+
+``spec.record.runner`` picks where the node tasks run: ``local`` (here, one shard after the other)
+or ``dask`` (Dask worker processes through prefect-dask, several shards at once, each worker
+loading the graph once: ``flows/runners.py``); the commits stay in the flow either way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from prefect.utilities.annotations import quote
 from distillery import runtime
 from distillery.flows.spec import Spec
 from distillery.teachers.graph import NodeResult, TeacherGraph
-from distillery.teachers.record import RecordSummary, cost_rows, record
+from distillery.teachers.record import RecordConfig, RecordSummary, cost_rows, record
 from distillery.teachers.records import Request
 
 
@@ -88,9 +92,37 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
     def shard_runner(graph: TeacherGraph, shard_no: int):
         return _shard_runner(graph, shard_no, spec.record.retries, spec.record.retry_delay_s)
 
-    summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, shard_runner=shard_runner)
+    cfg = spec.record
+    if cfg.runner == "dask":
+        from distillery.flows.runners import dask_runner, dask_shard_runner
+
+        with dask_runner(cfg) as (runner, in_flight):
+            where = cfg.dask_address or f"a LocalCluster of {cfg.dask_workers} worker processes"
+            logger.info("recording on Dask (%s), %d shards in flight", where, in_flight)
+            summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, in_flight=in_flight,
+                             remote=True, shard_runner=dask_shard_runner(runner, spec.teachers, cfg.retries,
+                                                                         cfg.retry_delay_s))
+    else:
+        summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, shard_runner=shard_runner)
     _publish(summary)
     return summary.to_json()
+
+
+def with_runner(spec: Spec, runner: str | None = None, dask_address: str | None = None,
+                dask_workers: int | None = None) -> Spec:
+    """The spec with its record runner replaced where an argument is given (the CLI's
+    ``--runner``/``--dask-address``/``--dask-workers``); an address alone means ``dask``.
+    Validated again: a bad address is an error naming the field."""
+    changes = {k: v for k, v in {"runner": runner, "dask_address": dask_address, "dask_workers": dask_workers}.items()
+               if v is not None}
+    if not changes:
+        return spec
+    if dask_address is not None and runner is None:
+        changes["runner"] = "dask"
+    if changes.get("runner") == "local":
+        changes.setdefault("dask_address", None)
+    cfg = RecordConfig.model_validate({**spec.record.model_dump(), **changes})
+    return spec.model_copy(update={"record": cfg})
 
 
 def run_record(spec: Spec, inputs: str | Path, traces: str, show_progress: bool = True) -> dict:

@@ -34,9 +34,16 @@ from distillery.students.training.config import TrainConfig
 from distillery.teachers.base import NODE_TYPES, AnyNodeConfig, parse_nodes
 from distillery.teachers.graph import SpecError, topological_order
 from distillery.teachers.inputs import InputsConfig
-from distillery.teachers.record import RecordConfig
+from distillery.teachers.record import RUNNER_FIELDS, RecordConfig
 
 __all__ = ["Spec", "SpecError", "load_spec"]
+
+
+TEACHERS_EXAMPLE = {"detector": {"type": "yolo", "weights": "yolo.pt", "task": "segment"},
+                    "retriever": {"type": "rag", "documents": "kb.jsonl", "query": "{request.question}"},
+                    "reasoner": {"type": "llm", "model": "llm/",
+                                 "prompt": "{detector.summary} {retriever.context} {request.question}"}}
+"""The teacher graph of the module docstring: the example a form's JSON editor shows."""
 
 
 class Spec(BaseModel):
@@ -45,8 +52,12 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Registered model name (letters, digits, '-', '_').")
     inputs: InputsConfig = Field(default_factory=InputsConfig)
-    teachers: dict[str, AnyNodeConfig] = Field(description="Teacher nodes by name; each node's `type` picks its "
-                                               f"settings ({', '.join(sorted(NODE_TYPES))}).")
+    teachers: dict[str, AnyNodeConfig] = Field(
+        description="Teacher nodes by name; each node's `type` picks its settings "
+                    f"({', '.join(sorted(NODE_TYPES))}). A deployment's form shows each of its nodes' fields; "
+                    "to add or remove a node, switch this field to JSON (its menu: Use JSON Input), e.g. "
+                    + json.dumps(TEACHERS_EXAMPLE, separators=(", ", ": ")),
+        examples=[TEACHERS_EXAMPLE])
     record: RecordConfig = Field(default_factory=RecordConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     training: TrainConfig = Field(default_factory=TrainConfig)
@@ -74,7 +85,8 @@ class Spec(BaseModel):
         return topological_order(self.teachers)
 
     def spec_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # where recording runs (local or Dask) changes no record: not part of the spec's identity
+        blob = json.dumps(self.model_dump(mode="json", exclude={"record": set(RUNNER_FIELDS)}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

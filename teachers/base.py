@@ -172,6 +172,27 @@ AnyNodeConfig = Annotated[SerializeAsAny[NodeConfig], _RegisteredTypes]
 """A node config of any registered type (validate the mapping with ``parse_nodes`` first)."""
 
 
+def node_form_schema(teachers_schema: dict[str, Any], nodes: dict[str, NodeConfig]) -> dict[str, Any]:
+    """The JSON schema of a spec's ``teachers:`` with one property per node of ``nodes``, each the
+    schema of that node's type (its fields, defaults and descriptions).
+
+    A form (Prefect's UI) renders an object's ``properties`` as fields and a bare mapping (only
+    ``additionalProperties``, the node names being the user's) as one JSON editor; a deployment
+    knows its spec's nodes, so its form can show each node's fields. ``teachers_schema`` is the
+    schema made from ``AnyNodeConfig`` (the registered types under ``additionalProperties``), kept
+    for nodes added later; the result is a new dict."""
+    variants = {v.get("properties", {}).get("type", {}).get("const"): v
+                for v in teachers_schema.get("additionalProperties", {}).get("oneOf", [])}
+    properties = {}
+    for name, node in nodes.items():
+        kind = getattr(node, "type", None)
+        if kind not in variants:
+            return dict(teachers_schema)  # a type the schema does not offer: keep the JSON editor
+        properties[name] = {**variants[kind], "title": name,
+                            "description": f"`{kind}` node. " + (variants[kind].get("description") or "")}
+    return {**teachers_schema, "properties": properties}
+
+
 # (resolved path) -> (size, mtime_ns, inode, time it was hashed in ns, sha256): a file's hash is
 # reused while its stat is unchanged, as git's index and DVC's state do. A file changed within
 # RACY_NS of being hashed could change again with the same stat (timestamps are coarse), so its

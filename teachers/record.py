@@ -6,24 +6,36 @@ artifact (``on_progress``); tests and the benchmark's direct baseline call it as
 
 Order of work: validate inputs -> skip those already recorded for this graph fingerprint ->
 quarantine bad inputs -> per shard: each node in topological order over the shard -> assemble
-records -> one atomic commit per shard (so a crash loses at most the shard in flight).
+records -> one atomic commit per shard (so a crash loses at most the shards in flight).
+
+Where the nodes run is the shard runner's business (``RecordConfig.runner``: this process, or Dask
+workers through ``flows/runners.py``); the commits always happen here, in the caller's thread, one
+at a time: one committer per store, whatever runs the nodes.
 """
 
 from __future__ import annotations
 
+import contextvars
+import re
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distillery.teachers.base import NodeConfig
 from distillery.teachers.graph import NodeResult, TeacherGraph
 from distillery.teachers.inputs import InputsConfig, scan_inputs
 from distillery.teachers.records import Quarantined, Request, TeacherRecord
 from distillery.teachers.store import TraceStore
+
+RUNNER_FIELDS = ("runner", "dask_address", "dask_workers", "dask_threads_per_worker")
+"""``RecordConfig`` fields that say where the nodes run, not what they record (no record changes)."""
+_DASK_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:]+\]|[^\s/:\[\]]+)(:\d{1,5})?")
+
 
 class RecordConfig(BaseModel):
     """How the record flow maps work onto tasks (the spec's ``record:``)."""
@@ -33,6 +45,30 @@ class RecordConfig(BaseModel):
                             "at most one shard in flight).")
     retries: int = Field(2, ge=0, description="Task retries on transient (whole-shard) errors.")
     retry_delay_s: float = Field(1.0, ge=0)
+    runner: Literal["local", "dask"] = Field("local", description=(
+        "Where the (node, shard) tasks run: 'local' in the flow's own process, one shard after the "
+        "other; 'dask' on Dask worker processes (prefect-dask), several shards at once, each worker "
+        "loading the teacher graph once. Records are committed by the flow either way."))
+    dask_address: str | None = Field(None, description=(
+        "runner 'dask': the scheduler of an existing cluster (tcp://host:8786); none: a "
+        "distributed.LocalCluster on this machine for the run, closed at its end."))
+    dask_workers: int = Field(2, ge=1, description=(
+        "runner 'dask' without an address: worker processes of the LocalCluster (each holds its own "
+        "copy of every teacher model)."))
+    dask_threads_per_worker: int = Field(1, ge=1, description=(
+        "runner 'dask' without an address: task threads per worker process (a node never runs in "
+        "two threads of one worker at once; torch's own threads are the cores shared among workers)."))
+
+    @model_validator(mode="after")
+    def _runner_ok(self) -> "RecordConfig":
+        if self.dask_address is not None:
+            if self.runner != "dask":
+                raise ValueError(f"record.dask_address {self.dask_address!r} is set but record.runner is "
+                                 f"{self.runner!r}: set runner: dask to record on that cluster")
+            if not _DASK_ADDRESS.fullmatch(self.dask_address):
+                raise ValueError(f"record.dask_address {self.dask_address!r}: expected a Dask scheduler "
+                                 "address such as tcp://scheduler:8786 (tcp:// or tls://, host, port)")
+        return self
 
 
 class RecordSpec(Protocol):
@@ -117,13 +153,15 @@ def shards(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None) -> list[TeacherRecord]:
+def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None,
+              decode_images: bool = True) -> list[TeacherRecord]:
     """Run every node (topological order) over one shard and assemble its records.
 
     A node that fails on an input quarantines that input (status ``retry`` when the node says a
-    later run may succeed); its downstream nodes skip it."""
+    later run may succeed); its downstream nodes skip it. ``decode_images=False``: ``run_node``
+    gets ``None`` for each image and decodes where the node runs (a Dask worker)."""
     run_node = run_node or graph.run_node
-    images = [r.image() for r in requests]
+    images = [r.image() if decode_images else None for r in requests]
     upstream: list[dict[str, dict]] = [{} for _ in requests]
     errors: list[dict[str, str]] = [{} for _ in requests]
     retry = [False] * len(requests)
@@ -184,18 +222,59 @@ def add_usage(totals: dict[str, dict[str, float]], outputs: dict[str, dict]) -> 
 
 
 ShardRunner = Callable[[TeacherGraph, int], RunNode]  # (graph, shard number) -> how its nodes run
+T = TypeVar("T")
+R = TypeVar("R")
+_END = object()
+
+
+def as_completed(fn: Callable[[T], R], items: Iterable[T], in_flight: int = 1) -> Iterator[R]:
+    """``fn(item)`` for every item, yielded as each finishes, at most ``in_flight`` at once.
+
+    ``in_flight=1``: one after the other in this thread, in order. More: each call in a thread of
+    its own, in a copy of the caller's context (so a Prefect flow run's context reaches it); the
+    caller consumes the results in its own thread. The first error stops new calls; the ones in
+    flight finish (their results are still yielded), then the error is raised."""
+    if in_flight <= 1:
+        yield from map(fn, items)
+        return
+    todo, error = iter(items), None
+    pending: set[Future] = set()
+    pool = ThreadPoolExecutor(in_flight, thread_name_prefix="record-shard")
+    try:
+        while True:
+            while error is None and len(pending) < in_flight and (item := next(todo, _END)) is not _END:
+                pending.add(pool.submit(contextvars.copy_context().run, fn, item))
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut.exception() is not None:
+                    error = error or fut.exception()
+                else:
+                    yield fut.result()
+        if error is not None:
+            raise error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | None = None,
            on_progress: Callable[[int, int], None] | None = None, shard_runner: ShardRunner | None = None,
-           on_plan: Callable[[Plan, TeacherGraph], None] | None = None) -> RecordSummary:
+           on_plan: Callable[[Plan, TeacherGraph], None] | None = None, in_flight: int = 1,
+           remote: bool = False) -> RecordSummary:
     """Record every input of ``inputs`` not yet recorded in ``traces`` under this graph: the one
     record loop (the record flow drives it with Prefect tasks; tests and benchmarks call it as is).
 
     Validate -> skip recorded -> store the refused ones -> per shard: every node in topological
     order, then one atomic commit. ``on_plan(plan, graph)`` once the work is known;
     ``on_progress(done, total)`` with (0, total) first, then after each committed shard;
-    ``shard_runner(graph, shard_no)`` how a shard's nodes run (default: ``graph.run_node``)."""
+    ``shard_runner(graph, shard_no)`` how a shard's nodes run (default: ``graph.run_node``).
+    ``in_flight``: shards run at once (threads of this process waiting on the shard runner);
+    ``remote``: the shard runner runs the nodes in other processes, which load the models and
+    decode the images themselves (neither happens here). Whatever runs the nodes, every commit
+    is made here, in this thread, one shard at a time, in the order the shards finish."""
+    if remote and shard_runner is None:
+        raise ValueError("record(remote=True) needs the shard_runner that runs the nodes elsewhere")
     t0 = time.perf_counter()
     graph = graph or TeacherGraph(spec.teachers)
     store = TraceStore(traces)
@@ -208,12 +287,16 @@ def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | Non
         summarize(summary, p.bad)
     if on_progress:
         on_progress(0, len(p.todo))
-    if p.todo:
+    if p.todo and not remote:
         graph.load()
+
+    def run(numbered: tuple[int, list[Request]]) -> tuple[list[Request], list[TeacherRecord]]:
+        no, shard = numbered
+        return shard, run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None, not remote)
+
     done = 0
-    for no, shard in enumerate(shards(p.todo, spec.record.shard_size)):
-        recs = run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None)
-        store.append(recs)  # one atomic commit per shard
+    for shard, recs in as_completed(run, enumerate(shards(p.todo, spec.record.shard_size)), in_flight):
+        store.append(recs)  # one atomic commit per shard, by this thread only
         summarize(summary, recs)
         done += len(shard)
         if on_progress:

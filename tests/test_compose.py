@@ -40,8 +40,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**keep, **extra}
 
 
-def _compose(*args: str, env_file: Path | str = ENV_EXAMPLE, **env: str) -> subprocess.CompletedProcess:
-    cmd = [str(_compose_binary()), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "gpu", *args]
+def _compose(*args: str, env_file: Path | str = ENV_EXAMPLE, profiles: tuple[str, ...] = ("gpu", "dask"),
+             **env: str) -> subprocess.CompletedProcess:
+    chosen = [arg for name in profiles for arg in ("--profile", name)]
+    cmd = [str(_compose_binary()), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), *chosen, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_clean_env(**env), timeout=60)
 
 
@@ -166,7 +168,7 @@ def test_no_port_binds_to_all_interfaces(raw, resolved):
         for port in svc.get("ports") or []:
             assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
     published = [(n, p) for n, svc in resolved["services"].items() for p in svc.get("ports") or []]
-    assert {n for n, _ in published} == {"prefect-server", "mlflow", "minio"}
+    assert {n for n, _ in published} == {"prefect-server", "mlflow", "minio", "dask-scheduler"}
     for name, port in published:
         assert port.get("host_ip") == "127.0.0.1", f"{name}: {port}"
 
@@ -234,3 +236,35 @@ def test_prefect_yaml_deploys_onto_these_workers(resolved):
     assert [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps] == [workdir]
     needed = set(re.findall(r"\{\{\s*\$([A-Z_][A-Z0-9_]*)\s*\}\}", (ROOT / "prefect.yaml").read_text()))
     assert needed <= set(services["cpu-worker"]["environment"])
+
+
+def test_dask_profile_runs_a_scheduler_and_workers_on_the_project_image(resolved):
+    """`--profile dask`: a scheduler and workers (one process, one thread each) on the image the
+    Prefect workers run, with their /data and Prefect API; only the dashboard is published, on
+    loopback; the address a spec names (tcp://dask-scheduler:8786) is the scheduler's."""
+    from distillery.teachers.record import RecordConfig
+
+    s = resolved["services"]
+    sched, worker, cpu = s["dask-scheduler"], s["dask-worker"], s["cpu-worker"]
+    assert sched["profiles"] == ["dask"] and worker["profiles"] == ["dask"]
+    assert sched["image"] == worker["image"] == cpu["image"]
+    cmd = sched["command"]
+    assert cmd[:2] == ["dask", "scheduler"] and cmd[cmd.index("--port") + 1] == "8786"
+    assert sched["ports"] == [{"mode": "ingress", "host_ip": "127.0.0.1", "target": 8787, "published": "8787",
+                               "protocol": "tcp"}]  # the dashboard only, this machine only
+    wcmd = worker["command"]
+    address = next(a for a in wcmd if a.startswith("tcp://"))
+    assert wcmd[:2] == ["dask", "worker"] and address == "tcp://dask-scheduler:8786"
+    assert wcmd[wcmd.index("--nworkers") + 1] == "1" and wcmd[wcmd.index("--nthreads") + 1] == "1"
+    assert RecordConfig(runner="dask", dask_address=address).dask_address == address  # what a spec says
+    assert worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    assert worker["volumes"] == cpu["volumes"]  # the same specs, teacher files and trace stores
+    for key in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "DISTILLERY_HOME", "DISTILLERY_OFFLINE"):
+        assert worker["environment"][key] == cpu["environment"][key], key
+    assert "MLFLOW_TRACKING_PASSWORD" not in worker["environment"]  # workers run teachers, not the registry
+
+
+def test_dask_services_start_only_with_their_profile():
+    out = _compose("config", "--services", profiles=("gpu",))
+    assert out.returncode == 0, out.stderr
+    assert not {"dask-scheduler", "dask-worker"} & set(out.stdout.split())

@@ -1,0 +1,184 @@
+"""Where the record flow's (node, shard) tasks run: Dask worker processes, through prefect-dask.
+
+``RecordConfig.runner`` picks it; ``local`` (the default) needs nothing from here. ``dask`` runs
+each task on ``prefect_dask.DaskTaskRunner``: a ``distributed.LocalCluster`` started for the run
+(``dask_workers`` processes on 127.0.0.1, closed at its end), or an existing scheduler
+(``dask_address``, e.g. the compose ``dask`` profile's ``tcp://dask-scheduler:8786``).
+
+A task carries the spec's teachers config (as JSON), the graph fingerprint and its shard's
+requests, never a loaded graph. Each worker process validates that config and builds the graph
+from it once, checks that it sees the same teacher files and node code as the flow (the same
+fingerprint), loads the models, and keeps the graph for every later task of that fingerprint
+(``worker_graph``: a per-process cache). The node results go
+back to the flow, which assembles the records and commits each shard itself (one committer:
+``teachers.record``): a killed worker loses only results that no commit has seen, Dask runs its
+task again elsewhere, and the store never sees a record twice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import distillery.teachers.nodes  # noqa: F401  (registers every node type in a worker process)
+from distillery import runtime
+from distillery.teachers.base import NodeConfig, parse_nodes
+from distillery.teachers.graph import NodeResult, TeacherGraph
+from distillery.teachers.record import RecordConfig, RunNode, ShardRunner
+from distillery.teachers.records import Request
+
+KEEP_GRAPHS = 2  # loaded graphs a worker keeps (each holds every teacher model of its spec)
+_graphs: OrderedDict[str, TeacherGraph] = OrderedDict()
+_graphs_lock = threading.Lock()
+_node_locks: dict[tuple[str, str], threading.Lock] = {}
+LOADS: list[dict[str, Any]] = []  # one entry per graph this process loaded: fingerprint, seconds
+
+
+class ShardWork:
+    """What one (node, shard) task needs, in one object that Prefect and Dask do not walk into
+    (neither looks for futures inside it; Dask would turn Prefect's ``quote`` into a tuple)."""
+
+    __slots__ = ("teachers", "fingerprint", "requests", "upstream", "token")
+
+    def __init__(self, teachers: dict, fingerprint: str, requests: list[Request], upstream: list[dict]):
+        self.teachers, self.fingerprint = teachers, fingerprint
+        self.requests, self.upstream = requests, upstream
+        self.token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:  # Dask would otherwise hash the whole shard to name the task
+        return self.token
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def worker_graph(teachers: dict[str, dict], fingerprint: str) -> TeacherGraph:
+    """This process's loaded graph for ``fingerprint``: built from ``teachers`` (each node's config
+    as JSON, validated here) and loaded on the first call, the same object on every later one.
+    Raises when the graph seen here differs from the flow's (another fingerprint: other teacher
+    files, or another version of a node's code): its records would carry the wrong one."""
+    with _graphs_lock:
+        graph = _graphs.get(fingerprint)
+        if graph is not None:
+            _graphs.move_to_end(fingerprint)
+            return graph
+        runtime.configure()
+        t0 = time.perf_counter()
+        graph = TeacherGraph(parse_nodes(teachers))
+        if graph.fingerprint != fingerprint:
+            raise RuntimeError(f"Dask worker (pid {os.getpid()}): the teacher graph here has fingerprint "
+                               f"{graph.fingerprint[:12]}, the flow's is {fingerprint[:12]}: the worker sees "
+                               "other teacher files (weights, documents) at the spec's paths, or runs another "
+                               "version of the node code; give every worker the flow's files and image")
+        graph.load()
+        while len(_graphs) >= KEEP_GRAPHS:
+            _graphs.popitem(last=False)
+        _graphs[fingerprint] = graph
+        LOADS.append({"fingerprint": fingerprint, "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()})
+        return graph
+
+
+def graph_loads() -> int:
+    """How many graphs this process has loaded (the benchmark asks every worker)."""
+    return len(LOADS)
+
+
+def _node_lock(fingerprint: str, name: str) -> threading.Lock:
+    """One lock per node of a graph: with several task threads in a worker, two shards never run
+    the same model at once (a node's model need not be thread-safe); different nodes may."""
+    with _graphs_lock:
+        return _node_locks.setdefault((fingerprint, name), threading.Lock())
+
+
+@task(name="run-node", cache_policy=NO_CACHE, task_run_name="{name} shard {shard}")
+def run_node_on_worker(name: str, shard: int, work: ShardWork) -> list[NodeResult]:
+    """One teacher node over one shard, on a Dask worker: its graph loaded once per process."""
+    graph = worker_graph(work.teachers, work.fingerprint)
+    images = [r.image() for r in work.requests]
+    with _node_lock(work.fingerprint, name):
+        return graph.run_node(name, work.requests, work.upstream, images)
+
+
+def dask_shard_runner(runner, teachers: Mapping[str, NodeConfig], retries: int, delay: float) -> ShardRunner:
+    """How a shard's nodes run on Dask: each node one task, submitted and waited for (the record
+    loop runs several shards at once, each in its own thread)."""
+    node_task = run_node_on_worker.with_options(retries=retries, retry_delay_seconds=delay)
+    teachers = {name: cfg.model_dump(mode="json") for name, cfg in teachers.items()}  # no pickled classes
+
+    def shard_runner(graph: TeacherGraph, shard_no: int) -> RunNode:
+        def run_node(name, requests, upstream, images):  # images: decoded on the worker
+            work = ShardWork(teachers, graph.fingerprint, requests, upstream)
+            # The future is dropped once read: a worker that dies later holds no result Dask
+            # would have to compute again.
+            return runner.submit(node_task, {"name": name, "shard": shard_no, "work": work}).result()
+
+        return run_node
+
+    return shard_runner
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def environ_kept() -> Iterator[None]:
+    """Dask's nannies set their workers' variables (OMP_NUM_THREADS=1, ...) in this process's own
+    environment before each spawn; put them back when the cluster is gone, so that later child
+    processes of the flow (a training run) do not inherit them."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            os.environ.pop(key, None)
+        os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+
+
+def local_cluster_kwargs(cfg: RecordConfig) -> dict[str, Any]:
+    """A LocalCluster of ``dask_workers`` processes on 127.0.0.1 (no dashboard on other
+    interfaces); torch's threads in each are the cores shared among the workers."""
+    torch_threads = str(max(1, _cores() // cfg.dask_workers))
+    return {"n_workers": cfg.dask_workers, "threads_per_worker": cfg.dask_threads_per_worker, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0" if _has_dashboard() else None,
+            "env": {"OMP_NUM_THREADS": torch_threads, "MKL_NUM_THREADS": torch_threads,
+                    "OPENBLAS_NUM_THREADS": torch_threads}}
+
+
+def _has_dashboard() -> bool:
+    try:
+        import bokeh  # noqa: F401  (the dashboard's optional dependency)
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def dask_runner(cfg: RecordConfig) -> Iterator[tuple[Any, int]]:
+    """A started ``DaskTaskRunner`` for ``cfg`` and how many shards to keep in flight (twice the
+    cluster's task threads: each worker has the next shard waiting). Its LocalCluster, if it
+    started one, is closed on the way out."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise RuntimeError("record.runner 'dask' needs prefect-dask: pip install prefect-dask") from None
+
+    if cfg.dask_address:
+        runner = DaskTaskRunner(address=cfg.dask_address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(cfg))
+    with environ_kept(), runner:
+        threads = sum(runner.client.nthreads().values())
+        yield runner, max(2, 2 * threads)
