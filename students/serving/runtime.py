@@ -83,6 +83,7 @@ class GraphRunner:
         # costs more than it brings), and it shares the cores with ``on_conv``.
         self.vision = self._session(files["vision"], vision_threads or threads or min(2, os.cpu_count() or 1))
         self.text = self._session(files["text"], threads or 1)
+        self._text_inputs = {i.name for i in self.text.get_inputs()}  # the exporter drops inputs never read
         self._step = None
         self.conv_keys = [tuple(k) for k in meta["vision_outputs"]]
         self.keys = [tuple(k) for k in meta["outputs"]]
@@ -125,6 +126,7 @@ class GraphRunner:
         vis = self.vision.run(None, {"images": batch["images"]})
         feed = {"p16": vis[-1], "question_ids": batch["question_ids"], "question_mask": batch["question_mask"],
                 **{f"{n}.{k}": v for (n, k), v in zip(self.conv_keys, vis)}}
+        feed = {k: v for k, v in feed.items() if k in self._text_inputs}
         raw: dict[str, dict[str, Any]] = {}
         for (node, key), value in zip(self.conv_keys, vis):
             raw.setdefault(node, {})[key] = value
