@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no tests; that is not a failure of the install.
 test: $(STAMP)
+	sh tests/browser/install-chromium.sh
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 bench: $(STAMP)

@@ -64,3 +64,10 @@ def tiny_demo(tmp_path_factory):
     spec_path = write_spec(workdir / "spec.yaml", "shapes-tiny", teachers.yolo_weights, world.kb_path,
                            teachers.llm_dir, "tiny")
     return {"world": world, "teachers": teachers, "spec_path": spec_path, "workdir": workdir}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The browser tests (tests/browser/) run last: Playwright's sync API keeps an event loop
+    running in the main thread while its session-wide browser lives, and Prefect's sync-compatible
+    calls (``run_deployment``, ...) would return coroutines in any test after it."""
+    items.sort(key=lambda item: "browser" in item.path.parent.name)  # stable: the rest keep their order
