@@ -96,19 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dask-record-"))
     runtime.configure()
 
-    from benchmarks.record import _inputs
-    from distillery.demo.pipeline import write_spec
-    from distillery.demo.teachers import ensure_teachers
-    from distillery.demo.world import WorldConfig, build_world
-    from distillery.flows.spec import load_spec
+    from benchmarks.record import _inputs, demo_graph
     from distillery.teachers.graph import TeacherGraph
     from distillery.teachers.record import plan, run_shard, shards
     from distillery.teachers.store import TraceStore
 
-    world = build_world(WorldConfig.preset(args.preset), work / "world")
-    teachers = ensure_teachers(world, args.preset, work / "teachers")
-    spec = load_spec(write_spec(work / "spec.yaml", "bench", teachers.yolo_weights, world.kb_path,
-                                teachers.llm_dir, args.preset))
+    world, teachers, spec = demo_graph(work, args.preset)
     if args.shard_size:
         spec = spec.model_copy(update={"record": spec.record.model_copy(update={"shard_size": args.shard_size})})
     inputs = _inputs(world, args.n, work / "inputs")

@@ -21,6 +21,21 @@ from pathlib import Path
 from distillery import runtime
 
 
+def demo_graph(work: Path, preset: str):
+    """(world, teachers, spec): the demo world and teachers built once in ``work``, and the
+    standard demo spec over them (what the record benchmarks record with)."""
+    from distillery.demo.pipeline import write_spec
+    from distillery.demo.teachers import ensure_teachers
+    from distillery.demo.world import WorldConfig, build_world
+    from distillery.flows.spec import load_spec
+
+    world = build_world(WorldConfig.preset(preset), work / "world")
+    teachers = ensure_teachers(world, preset, work / "teachers")
+    spec = load_spec(write_spec(work / "spec.yaml", "bench", teachers.yolo_weights, world.kb_path,
+                                teachers.llm_dir, preset))
+    return world, teachers, spec
+
+
 def _inputs(world, n: int, dst: Path) -> Path:
     """The first n requests of the world's train split, as an inputs folder."""
     src = world.split_dir("train")
@@ -94,19 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-record-"))
     runtime.configure()
 
-    from distillery.demo.pipeline import write_spec
-    from distillery.demo.teachers import ensure_teachers
-    from distillery.demo.world import WorldConfig, build_world
-    from distillery.flows.spec import load_spec
     from distillery.teachers.base import forget_file_hashes
     from distillery.teachers.graph import TeacherGraph
     from distillery.teachers.record import plan, run_shard, shards
     from distillery.teachers.store import TraceStore
 
-    world = build_world(WorldConfig.preset(args.preset), work / "world")
-    teachers = ensure_teachers(world, args.preset, work / "teachers")
-    spec = load_spec(write_spec(work / "spec.yaml", "bench", teachers.yolo_weights, world.kb_path,
-                                teachers.llm_dir, args.preset))
+    world, teachers, spec = demo_graph(work, args.preset)
     inputs = _inputs(world, args.n, work / "inputs")
 
     # 0. Warm-up, untimed: the FAISS index cache, the OS file cache and first-call costs, so
