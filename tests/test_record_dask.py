@@ -174,9 +174,9 @@ def test_shards_in_flight_run_in_the_callers_context_and_an_error_stops_new_ones
     def shard(i):
         started.append(i)
         assert var.get() == "flow-run-1" and threading.get_ident() != caller
-        time.sleep(0.02 * (i % 2))
         if i == 3:
             raise RuntimeError("shard 3 failed")
+        time.sleep(0.05)  # every other shard outlasts the failure, however busy the machine
         return i
 
     got = []
@@ -184,5 +184,5 @@ def test_shards_in_flight_run_in_the_callers_context_and_an_error_stops_new_ones
         for i in as_completed(shard, range(20), in_flight=2):
             assert threading.get_ident() == caller
             got.append(i)
-    assert len(started) <= 5  # no new shard after the failure (at most one more was in flight)
+    assert len(started) <= 6  # no new shard after the failure is seen (20 would all run otherwise)
     assert sorted(got) == sorted(set(started) - {3})
