@@ -41,6 +41,15 @@ def _warm_imports() -> int:
     return 1
 
 
+def _warm_graph(teachers: dict, fingerprint: str) -> int:
+    """Run in each worker before timing: load the graph once, as the local runner's warm-up does
+    in this process (the cold figure below counts the loads)."""
+    from distillery.flows.runners import worker_graph
+
+    worker_graph(teachers, fingerprint)
+    return 1
+
+
 def time_local(spec, inputs: Path, traces: str) -> tuple[float, dict]:
     from distillery.flows.record import record_flow
 
@@ -51,8 +60,9 @@ def time_local(spec, inputs: Path, traces: str) -> tuple[float, dict]:
 
 
 def time_dask(spec, inputs: Path, traces: str, workers: int) -> tuple[float, dict, dict]:
-    """One run on a fresh LocalCluster of ``workers`` processes: (seconds, summary, graph loads
-    per worker) and the cluster's start-up seconds (untimed in the run)."""
+    """One run on a fresh LocalCluster of ``workers`` processes, each with the graph loaded before
+    the clock starts (as the local side's is): (seconds, summary, graph loads per worker) and the
+    cluster's start-up and load seconds (untimed in the run)."""
     import distributed
 
     from distillery.flows.record import record_flow
@@ -63,6 +73,10 @@ def time_dask(spec, inputs: Path, traces: str, workers: int) -> tuple[float, dic
     with environ_kept(), distributed.LocalCluster(**local_cluster_kwargs(cfg)) as cluster, \
             distributed.Client(cluster) as client:
         client.run(_warm_imports)
+        from distillery.teachers.graph import TeacherGraph
+
+        client.run(_warm_graph, {n: c.model_dump(mode="json") for n, c in spec.teachers.items()},
+                   TeacherGraph(spec.teachers).fingerprint)
         startup = time.perf_counter() - t0
         on_dask = spec.model_copy(update={"record": cfg.model_copy(update={"dask_address": cluster.scheduler_address})})
         with runtime.local_prefect():
