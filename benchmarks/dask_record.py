@@ -110,22 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dask-record-"))
     runtime.configure()
 
-    from benchmarks.record import _inputs, demo_graph
-    from distillery.teachers.graph import TeacherGraph
-    from distillery.teachers.record import plan, run_shard, shards
-    from distillery.teachers.store import TraceStore
+    from benchmarks.record import _inputs, demo_graph, warm_up
 
     world, teachers, spec = demo_graph(work, args.preset)
     if args.shard_size:
         spec = spec.model_copy(update={"record": spec.record.model_copy(update={"shard_size": args.shard_size})})
     inputs = _inputs(world, args.n, work / "inputs")
 
-    # Warm-up, untimed: the FAISS index cache, the OS file cache, first-call costs; the server.
-    graph = TeacherGraph(spec.teachers).load()
-    shutil.rmtree(work / "empty.lance", ignore_errors=True)
-    todo = plan(spec, str(inputs), TraceStore(work / "empty.lance"), graph.fingerprint).todo
-    run_shard(graph, next(iter(shards(todo, spec.record.shard_size))))
-    del graph
+    n_inputs = warm_up(spec, inputs, work)  # untimed: index and file caches, first-call costs (then the server)
     from prefect import flow
 
     with runtime.local_prefect():
@@ -152,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     cold = time_cold(spec, inputs, str(cold_store), 2)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    rps = {k: len(todo) / v for k, v in med.items()}
+    rps = {k: n_inputs / v for k, v in med.items()}
     figures = {
-        "inputs": len(todo), "shard_size": spec.record.shard_size, "written": sorted(written),
+        "inputs": n_inputs, "shard_size": spec.record.shard_size, "written": sorted(written),
         "local_s": round(med["local"], 2), "dask1_s": round(med["dask1"], 2), "dask2_s": round(med["dask2"], 2),
         "local_records_per_s": round(rps["local"], 2), "dask1_records_per_s": round(rps["dask1"], 2),
         "dask2_records_per_s": round(rps["dask2"], 2),
