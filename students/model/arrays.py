@@ -37,7 +37,8 @@ def detection_thresholds(cfg: Mapping[str, Any], node: Mapping[str, Any]) -> tup
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float32)))
+    x = np.asarray(x, np.float32)  # no copy when it is float32 already
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def peak_scores(cls_logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,7 +48,8 @@ def peak_scores(cls_logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray,
     P, C = probs.shape
     grid = probs.T.reshape(C, n, n)
     padded = np.pad(grid, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    pooled = np.max([padded[:, dy:dy + n, dx:dx + n] for dy in range(3) for dx in range(3)], axis=0)  # 3 x 3 max
+    rows = np.maximum(np.maximum(padded[:, :, :n], padded[:, :, 1:n + 1]), padded[:, :, 2:])  # 3 x 3 max,
+    pooled = np.maximum(np.maximum(rows[:, :n], rows[:, 1:n + 1]), rows[:, 2:])  # separably: columns, then rows
     peaks = (grid == pooled).reshape(C, P).T  # (P, C)
     masked = probs * peaks
     classes = masked.argmax(-1)
