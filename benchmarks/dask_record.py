@@ -6,9 +6,9 @@ Dask worker processes (one task thread each), on the standard demo graph.
 Each timed run records the same inputs into a fresh trace store through ``record_flow`` (the
 Prefect server is started once, untimed). The local runner loads the graph in this process; a
 Dask run gets a fresh ``LocalCluster`` (the settings ``--runner dask`` uses) whose workers have
-imported the libraries (untimed, as this process has), and loads the graph in each worker inside
-the timed run; afterwards every worker is asked how many graphs it loaded (goal: one each, so no
-load after a worker's first shard). One more run, untimed in the ratios, is the cold path a user
+imported the libraries, loaded the graph and recorded one shard into nothing (untimed, as this
+process has for the local side); afterwards every worker is asked how many graphs it loaded
+(goal: one each, so no load after a worker's first shard). One more run, untimed in the ratios, is the cold path a user
 gets from ``distillery record --runner dask``: the flow starts its LocalCluster itself.
 
 Prints the figures and the ratios: 2 workers / 1 worker in records per second (goal >= 1.6) and
@@ -36,17 +36,23 @@ def _warm_imports() -> int:
     import transformers  # noqa: F401
     import ultralytics  # noqa: F401
 
+    import prefect.events.clients  # noqa: F401  (Prefect's task engine on a worker: ~2 s on first use)
+    import prefect.task_engine  # noqa: F401
+
     import distillery.flows.runners  # noqa: F401
 
     return 1
 
 
-def _warm_graph(teachers: dict, fingerprint: str) -> int:
-    """Run in each worker before timing: load the graph once, as the local runner's warm-up does
-    in this process (the cold figure below counts the loads)."""
+def _warm_graph(teachers: dict, fingerprint: str, shard: list) -> int:
+    """Run in each worker before timing: load the graph once and record one shard with it into
+    nothing, exactly as ``benchmarks.record.warm_up`` does in this process for the local runner
+    (first-call costs: kernels, the FAISS index, the LLM's first generate). The cold figure below
+    pays all of that."""
     from distillery.flows.runners import worker_graph
+    from distillery.teachers.record import run_shard
 
-    worker_graph(teachers, fingerprint)
+    run_shard(worker_graph(teachers, fingerprint), shard)
     return 1
 
 
@@ -59,7 +65,7 @@ def time_local(spec, inputs: Path, traces: str) -> tuple[float, dict]:
         return time.perf_counter() - t0, summary
 
 
-def time_dask(spec, inputs: Path, traces: str, workers: int) -> tuple[float, dict, dict]:
+def time_dask(spec, inputs: Path, traces: str, workers: int, shard: list) -> tuple[float, dict, dict]:
     """One run on a fresh LocalCluster of ``workers`` processes, each with the graph loaded before
     the clock starts (as the local side's is): (seconds, summary, graph loads per worker) and the
     cluster's start-up and load seconds (untimed in the run)."""
@@ -76,7 +82,7 @@ def time_dask(spec, inputs: Path, traces: str, workers: int) -> tuple[float, dic
         from distillery.teachers.graph import TeacherGraph
 
         client.run(_warm_graph, {n: c.model_dump(mode="json") for n, c in spec.teachers.items()},
-                   TeacherGraph(spec.teachers).fingerprint)
+                   TeacherGraph(spec.teachers).fingerprint, shard)
         startup = time.perf_counter() - t0
         on_dask = spec.model_copy(update={"record": cfg.model_copy(update={"dask_address": cluster.scheduler_address})})
         with runtime.local_prefect():
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dask-record-"))
     runtime.configure()
 
-    from benchmarks.record import _inputs, demo_graph, warm_up
+    from benchmarks.record import _inputs, demo_graph, first_shard, warm_up
 
     world, teachers, spec = demo_graph(work, args.preset)
     if args.shard_size:
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = _inputs(world, args.n, work / "inputs")
 
     n_inputs = warm_up(spec, inputs, work)  # untimed: index and file caches, first-call costs (then the server)
+    shard = first_shard(spec, inputs, work)  # each Dask worker's warm-up, the same
     from prefect import flow
 
     with runtime.local_prefect():
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             if side == "local":
                 seconds, summary = time_local(spec, inputs, str(store))
             else:
-                seconds, summary, info = time_dask(spec, inputs, str(store), int(side[-1]))
+                seconds, summary, info = time_dask(spec, inputs, str(store), int(side[-1]), shard)
                 extra[side].append(info)
             times[side].append(seconds)
             written.add(summary["written"])

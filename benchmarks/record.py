@@ -36,18 +36,31 @@ def demo_graph(work: Path, preset: str):
     return world, teachers, spec
 
 
+def planned(spec, inputs: Path, work: Path) -> list:
+    """What a run of ``spec`` over ``inputs`` into an empty store records (its requests, in order)."""
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.record import plan
+    from distillery.teachers.store import TraceStore
+
+    shutil.rmtree(work / "empty.lance", ignore_errors=True)
+    return plan(spec, str(inputs), TraceStore(work / "empty.lance"), TeacherGraph(spec.teachers).fingerprint).todo
+
+
+def first_shard(spec, inputs: Path, work: Path) -> list:
+    """The requests of the first shard a run records (what each side's warm-up runs)."""
+    return planned(spec, inputs, work)[: spec.record.shard_size]
+
+
 def warm_up(spec, inputs: Path, work: Path) -> int:
-    """Untimed: load the graph and record one shard into a scratch store, so the FAISS index cache,
+    """Untimed: load the graph and record one shard into nothing, so the FAISS index cache,
     the OS file cache and first-call costs are paid before either side is timed. Returns how many
     inputs a run records."""
     from distillery.teachers.graph import TeacherGraph
-    from distillery.teachers.record import plan, run_shard, shards
-    from distillery.teachers.store import TraceStore
+    from distillery.teachers.record import run_shard
 
     graph = TeacherGraph(spec.teachers).load()
-    shutil.rmtree(work / "empty.lance", ignore_errors=True)
-    todo = plan(spec, str(inputs), TraceStore(work / "empty.lance"), graph.fingerprint).todo
-    run_shard(graph, next(iter(shards(todo, spec.record.shard_size))))
+    todo = planned(spec, inputs, work)
+    run_shard(graph, todo[: spec.record.shard_size])
     return len(todo)
 
 

@@ -100,8 +100,7 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
             where = cfg.dask_address or f"a LocalCluster of {cfg.dask_workers} worker processes"
             logger.info("recording on Dask (%s), %d shards in flight", where, in_flight)
             summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, in_flight=in_flight,
-                             remote=True, shard_runner=dask_shard_runner(runner, spec.teachers, cfg.retries,
-                                                                         cfg.retry_delay_s))
+                             remote=dask_shard_runner(runner, spec.teachers, cfg.retries, cfg.retry_delay_s))
     else:
         summary = record(spec, inputs, traces, on_plan=on_plan, on_progress=on_progress, shard_runner=shard_runner)
     _publish(summary)

@@ -1,16 +1,16 @@
-"""Where the record flow's (node, shard) tasks run: Dask worker processes, through prefect-dask.
+"""Where the record flow's shards run: Dask worker processes, through prefect-dask (one task per shard).
 
 ``RecordConfig.runner`` picks it; ``local`` (the default) needs nothing from here. ``dask`` runs
 each task on ``prefect_dask.DaskTaskRunner``: a ``distributed.LocalCluster`` started for the run
 (``dask_workers`` processes on 127.0.0.1, closed at its end), or an existing scheduler
 (``dask_address``, e.g. the compose ``dask`` profile's ``tcp://dask-scheduler:8786``).
 
-A task carries the spec's teachers config (as JSON), the graph fingerprint and its shard's
-requests, never a loaded graph. Each worker process validates that config and builds the graph
+A shard is one task: it carries the spec's teachers config (as JSON), the graph fingerprint and
+the shard's requests, never a loaded graph. Each worker process validates that config and builds the graph
 from it once, checks that it sees the same teacher files and node code as the flow (the same
 fingerprint), loads the models, and keeps the graph for every later task of that fingerprint
-(``worker_graph``: a per-process cache). The node results go
-back to the flow, which assembles the records and commits each shard itself (one committer:
+(``worker_graph``: a per-process cache). The shard's records go
+back to the flow, which commits each shard itself (one committer:
 ``teachers.record``): a killed worker loses only results that no commit has seen, Dask runs its
 task again elsewhere, and the store never sees a record twice.
 """
@@ -31,26 +31,25 @@ from prefect.cache_policies import NO_CACHE
 import distillery.teachers.nodes  # noqa: F401  (registers every node type in a worker process)
 from distillery import runtime
 from distillery.teachers.base import NodeConfig, parse_nodes
-from distillery.teachers.graph import NodeResult, TeacherGraph
-from distillery.teachers.record import RecordConfig, RunNode, ShardRunner
-from distillery.teachers.records import Request
+from distillery.teachers.graph import TeacherGraph
+from distillery.teachers.record import RecordConfig, RemoteShard, run_shard
+from distillery.teachers.records import Request, TeacherRecord
 
 KEEP_GRAPHS = 2  # loaded graphs a worker keeps (each holds every teacher model of its spec)
 _graphs: OrderedDict[str, TeacherGraph] = OrderedDict()
 _graphs_lock = threading.Lock()
-_node_locks: dict[tuple[str, str], threading.Lock] = {}
+_run_locks: dict[str, threading.Lock] = {}
 LOADS: list[dict[str, Any]] = []  # one entry per graph this process loaded: fingerprint, seconds
 
 
 class ShardWork:
-    """What one (node, shard) task needs, in one object that Prefect and Dask do not walk into
+    """What one shard's task needs, in one object that Prefect and Dask do not walk into
     (neither looks for futures inside it; Dask would turn Prefect's ``quote`` into a tuple)."""
 
-    __slots__ = ("teachers", "fingerprint", "requests", "upstream", "token")
+    __slots__ = ("teachers", "fingerprint", "requests", "token")
 
-    def __init__(self, teachers: dict, fingerprint: str, requests: list[Request], upstream: list[dict]):
-        self.teachers, self.fingerprint = teachers, fingerprint
-        self.requests, self.upstream = requests, upstream
+    def __init__(self, teachers: dict, fingerprint: str, requests: list[Request]):
+        self.teachers, self.fingerprint, self.requests = teachers, fingerprint, requests
         self.token = uuid.uuid4().hex
 
     def __dask_tokenize__(self) -> str:  # Dask would otherwise hash the whole shard to name the task
@@ -95,38 +94,37 @@ def graph_loads() -> int:
     return len(LOADS)
 
 
-def _node_lock(fingerprint: str, name: str) -> threading.Lock:
-    """One lock per node of a graph: with several task threads in a worker, two shards never run
-    the same model at once (a node's model need not be thread-safe); different nodes may."""
-    with _graphs_lock:
-        return _node_locks.setdefault((fingerprint, name), threading.Lock())
-
-
-@task(name="run-node", cache_policy=NO_CACHE, task_run_name="{name} shard {shard}")
-def run_node_on_worker(name: str, shard: int, work: ShardWork) -> list[NodeResult]:
-    """One teacher node over one shard, on a Dask worker: its graph loaded once per process."""
+@task(name="record-shard", cache_policy=NO_CACHE, task_run_name="shard {shard}")
+def run_shard_on_worker(shard: int, work: ShardWork) -> list[TeacherRecord]:
+    """One shard through every node of the graph, on a Dask worker (its graph loaded once per
+    process): the shard's records, which the flow commits. One task per shard, not per node: a
+    task's round trip (Prefect's task engine, Dask's scheduler, the upstream outputs and the
+    decoded images going back and forth) is paid once per shard, and the images are decoded once."""
     graph = worker_graph(work.teachers, work.fingerprint)
-    images = [r.image() for r in work.requests]
-    with _node_lock(work.fingerprint, name):
-        return graph.run_node(name, work.requests, work.upstream, images)
+    with _graph_lock(work.fingerprint):
+        return run_shard(graph, work.requests)
 
 
-def dask_shard_runner(runner, teachers: Mapping[str, NodeConfig], retries: int, delay: float) -> ShardRunner:
-    """How a shard's nodes run on Dask: each node one task, submitted and waited for (the record
-    loop runs several shards at once, each in its own thread)."""
-    node_task = run_node_on_worker.with_options(retries=retries, retry_delay_seconds=delay)
+def _graph_lock(fingerprint: str) -> threading.Lock:
+    """One lock per loaded graph: with several task threads in a worker, two shards never run the
+    same models at once (a model need not be thread-safe)."""
+    with _graphs_lock:
+        return _run_locks.setdefault(fingerprint, threading.Lock())
+
+
+def dask_shard_runner(runner, teachers: Mapping[str, NodeConfig], retries: int, delay: float) -> RemoteShard:
+    """How a shard runs on Dask: one task, submitted and waited for (the record loop runs several
+    shards at once, each in its own thread)."""
+    shard_task = run_shard_on_worker.with_options(retries=retries, retry_delay_seconds=delay)
     teachers = {name: cfg.model_dump(mode="json") for name, cfg in teachers.items()}  # no pickled classes
 
-    def shard_runner(graph: TeacherGraph, shard_no: int) -> RunNode:
-        def run_node(name, requests, upstream, images):  # images: decoded on the worker
-            work = ShardWork(teachers, graph.fingerprint, requests, upstream)
-            # The future is dropped once read: a worker that dies later holds no result Dask
-            # would have to compute again.
-            return runner.submit(node_task, {"name": name, "shard": shard_no, "work": work}).result()
+    def remote(graph: TeacherGraph, shard_no: int, requests: list[Request]) -> list[TeacherRecord]:
+        work = ShardWork(teachers, graph.fingerprint, requests)
+        # The future is dropped once read: a worker that dies later holds no result Dask would
+        # have to compute again.
+        return runner.submit(shard_task, {"shard": shard_no, "work": work}).result()
 
-        return run_node
-
-    return shard_runner
+    return remote
 
 
 def _cores() -> int:

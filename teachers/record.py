@@ -153,15 +153,13 @@ def shards(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None,
-              decode_images: bool = True) -> list[TeacherRecord]:
+def run_shard(graph: TeacherGraph, requests: list[Request], run_node: RunNode | None = None) -> list[TeacherRecord]:
     """Run every node (topological order) over one shard and assemble its records.
 
     A node that fails on an input quarantines that input (status ``retry`` when the node says a
-    later run may succeed); its downstream nodes skip it. ``decode_images=False``: ``run_node``
-    gets ``None`` for each image and decodes where the node runs (a Dask worker)."""
+    later run may succeed); its downstream nodes skip it."""
     run_node = run_node or graph.run_node
-    images = [r.image() if decode_images else None for r in requests]
+    images = [r.image() for r in requests]
     upstream: list[dict[str, dict]] = [{} for _ in requests]
     errors: list[dict[str, str]] = [{} for _ in requests]
     retry = [False] * len(requests)
@@ -222,6 +220,7 @@ def add_usage(totals: dict[str, dict[str, float]], outputs: dict[str, dict]) -> 
 
 
 ShardRunner = Callable[[TeacherGraph, int], RunNode]  # (graph, shard number) -> how its nodes run
+RemoteShard = Callable[[TeacherGraph, int, list[Request]], list[TeacherRecord]]  # (graph, shard number, requests) -> records
 T = TypeVar("T")
 R = TypeVar("R")
 _END = object()
@@ -261,7 +260,7 @@ def as_completed(fn: Callable[[T], R], items: Iterable[T], in_flight: int = 1) -
 def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | None = None,
            on_progress: Callable[[int, int], None] | None = None, shard_runner: ShardRunner | None = None,
            on_plan: Callable[[Plan, TeacherGraph], None] | None = None, in_flight: int = 1,
-           remote: bool = False) -> RecordSummary:
+           remote: RemoteShard | None = None) -> RecordSummary:
     """Record every input of ``inputs`` not yet recorded in ``traces`` under this graph: the one
     record loop (the record flow drives it with Prefect tasks; tests and benchmarks call it as is).
 
@@ -270,11 +269,10 @@ def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | Non
     ``on_progress(done, total)`` with (0, total) first, then after each committed shard;
     ``shard_runner(graph, shard_no)`` how a shard's nodes run (default: ``graph.run_node``).
     ``in_flight``: shards run at once (threads of this process waiting on the shard runner);
-    ``remote``: the shard runner runs the nodes in other processes, which load the models and
-    decode the images themselves (neither happens here). Whatever runs the nodes, every commit
-    is made here, in this thread, one shard at a time, in the order the shards finish."""
-    if remote and shard_runner is None:
-        raise ValueError("record(remote=True) needs the shard_runner that runs the nodes elsewhere")
+    ``remote(graph, shard_no, requests)``: runs a whole shard in another process (a Dask worker), which
+    loads the models, decodes the images and runs ``run_shard`` itself, and returns the shard's
+    records (nothing is loaded here). Wherever the nodes run, every commit is made here, in this
+    thread, one shard at a time, in the order the shards finish."""
     t0 = time.perf_counter()
     graph = graph or TeacherGraph(spec.teachers)
     store = TraceStore(traces)
@@ -292,7 +290,9 @@ def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | Non
 
     def run(numbered: tuple[int, list[Request]]) -> tuple[list[Request], list[TeacherRecord]]:
         no, shard = numbered
-        return shard, run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None, not remote)
+        if remote is not None:
+            return shard, remote(graph, no, shard)
+        return shard, run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None)
 
     done = 0
     for shard, recs in as_completed(run, enumerate(shards(p.todo, spec.record.shard_size)), in_flight):
