@@ -1,6 +1,7 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md``.
 
     python -m benchmarks [--quick] [--workdir DIR]     # or: make bench
+    python -m benchmarks --only scale,blackbox         # the long ones, run on request
 
 The demo runs first (cold, then warm) in DIR; the student and fidelity benchmarks then measure the
 student it registered and pulled there.
@@ -77,7 +78,11 @@ PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
 MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "openai_record", "dask_record", "reliability"]
-SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http"}
+# Long runs, only on request (``--only scale,blackbox``): the realistic-scale graph (~20 min) and the
+# black-box demo's two extra recordings and trainings (~45 min cold); their figures are kept
+# from the results file when other benchmarks run.
+ON_REQUEST = ["scale", "blackbox"]
+SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http", "blackbox"}
 HERE = Path(__file__).parent
 
 
@@ -104,8 +109,11 @@ def run_all(quick: bool, workdir: Path, only: list[str] | None = None) -> dict[s
             continue
         print(f"== {name}", flush=True)
         try:
-            argv = ["--preset", "tiny"] if quick else []
-            argv += ["--workdir", str(workdir)] if name in SHARES_WORKDIR else []
+            if name == "scale":  # its own sizes; the demo's rows come from the shared workdir
+                argv = (["--quick"] if quick else []) + ["--demo-workdir", str(workdir)]
+            else:
+                argv = ["--preset", "tiny"] if quick else []
+                argv += ["--workdir", str(workdir)] if name in SHARES_WORKDIR else []
             results[name] = {**mod.main(argv), "ran": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {commit()}"}
         except Exception as e:  # one failing benchmark must not lose the others' figures
             traceback.print_exc()
@@ -131,6 +139,8 @@ def render(results: dict[str, dict], quick: bool) -> str:
             lines += ["", f"## Fidelity per node, {label}", "", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {round(v, 4)} |" for k, v in rows]
     lines += breakdown_lines(results.get("student", {}).get("breakdown"))
+    lines += scale_lines(results.get("scale"))
+    lines += blackbox_lines(results.get("blackbox"))
     faults = results.get("reliability", {}).get("remote_teacher_faults")
     if faults:
         lines += ["", "## Reliability: a remote teacher's faults", "",
@@ -156,6 +166,34 @@ def breakdown_lines(res: dict | None) -> list[str]:
         lines.append(f"| {name} | request | {b['request_ms']:.2f} | 100% |")
         lines += [f"| {name} | {stage} | {ms:.2f} | {100 * ms / b['request_ms']:.0f}% |"
                   for stage, ms in b["stages_ms"].items()]
+    return lines
+
+
+def scale_lines(res: dict | None) -> list[str]:
+    """The realistic-scale benchmark's table (``benchmarks.scale``): every side, then the ratios."""
+    if not res or "table" not in res:
+        return []
+    return ["", f"## Speed and cost at realistic scale (`python -m benchmarks.scale`, {res.get('size')} size, "
+                f"{res.get('ran', '')})", "",
+            "The realistic rows have random weights (timing only); the teacher LLM at its best on this CPU is "
+            f"{res.get('best_dtype')}. Each ratio is measured side by side in one run, rounds alternating.", "",
+            res["table"]]
+
+
+def blackbox_lines(res: dict | None) -> list[str]:
+    """The black-box demo (``benchmarks.blackbox``): answer agreement of each student with its teacher."""
+    if not res or "answer_agreement" not in res:
+        return []
+    agree = res["answer_agreement"]
+    lines = ["", f"## Black-box teacher: the demo's reasoner behind an OpenAI-compatible server "
+                 f"(`python -m benchmarks.blackbox`, {res.get('ran', '')})", "",
+             "| student distilled from | answer agreement with its teacher (test split) | retained accuracy | "
+             "soft labels in the train traces |", "|---|---|---|---|",
+             f"| in-process `llm` node (white box, top-k) | {agree.get('white_box')} | | 1.0 |"]
+    for mode, what in (("topk", "`openai` node, top-20 log-probs served"), ("text", "`openai` node, text only")):
+        m = res.get(mode) or {}
+        lines.append(f"| {what} | {m.get('answer_agreement')} | {m.get('answer_retained')} | "
+                     f"{m.get('soft_label_share')} |")
     return lines
 
 
@@ -188,9 +226,9 @@ def main() -> None:
     workdir = (args.workdir or runtime.data_dir() / ("bench-quick" if args.quick else "bench")).resolve()
     print(f"benchmark workdir: {workdir} (the demo's cold run rebuilds it)", flush=True)
     only = [m.strip() for m in args.only.split(",")] if args.only else None
-    unknown = set(only or []) - set(MODULES)
+    unknown = set(only or []) - set(MODULES) - set(ON_REQUEST)
     if unknown:
-        ap.error(f"--only {args.only}: unknown benchmark(s) {sorted(unknown)}; known: {', '.join(MODULES)}")
+        ap.error(f"--only {args.only}: unknown benchmark(s) {sorted(unknown)}; known: {', '.join(MODULES + ON_REQUEST)}")
     results = {**(previous(args.out) if only else {}), **run_all(args.quick, workdir, only)}
     text = render(results, args.quick)
     args.out.write_text(text)

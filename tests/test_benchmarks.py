@@ -39,3 +39,17 @@ def test_a_partial_run_keeps_the_other_benchmarks_figures(tmp_path):
     path.write_text(render(earlier, quick=False))
     assert previous(path) == earlier  # what `python -m benchmarks --only ...` merges its new figures into
     assert previous(tmp_path / "missing.md") == {}
+
+
+def test_the_long_benchmarks_get_their_own_sections():
+    results = {"scale": {"size": "full", "table": "| scale | side |\n|---|---|\n| realistic | student |",
+                         "best_dtype": "float32", "ran": "2026-12-06 10:00 UTC, abc123"},
+               "blackbox": {"answer_agreement": {"white_box": 0.927, "black_box_topk": 0.91, "black_box_text": 0.88},
+                            "topk": {"answer_agreement": 0.91, "answer_retained": 0.95, "soft_label_share": 1.0},
+                            "text": {"answer_agreement": 0.88, "answer_retained": 0.93, "soft_label_share": 0.0}}}
+    text = render(results, quick=False)
+    assert "## Speed and cost at realistic scale (`python -m benchmarks.scale`, full size" in text
+    assert "| realistic | student |" in text and "float32" in text
+    assert "| in-process `llm` node (white box, top-k) | 0.927 |" in text
+    assert "| `openai` node, top-20 log-probs served | 0.91 | 0.95 | 1.0 |" in text
+    assert "| `openai` node, text only | 0.88 | 0.93 | 0.0 |" in text
