@@ -8,35 +8,18 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, NoReturn, Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from distillery import runtime
+from distillery.cli_train import _fail, _load_spec, console, train
 
 app = typer.Typer(help="Distill a whole AI pipeline into one small multimodal student.",
                   no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Bad input: one plain line on stderr (no traceback, no wrapping) and exit ``code``."""
-    typer.echo(f"Error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
-
-
-def _load_spec(path: Path):
-    from pydantic import ValidationError
-
-    from distillery.flows.spec import SpecError, load_spec
-
-    try:
-        return load_spec(path)
-    except (SpecError, ValidationError) as e:
-        console.print(f"[red]invalid spec {path}:[/red]\n{e}")
-        raise typer.Exit(2) from None
+app.command()(train)  # distillery/cli_train.py
 
 
 @app.command()
@@ -132,82 +115,6 @@ def demo(
 
     with runtime.local_prefect():
         run_demo(wd, preset=preset, train_teachers=train_teachers, teacher=teacher)
-
-
-@app.command()
-def train(
-    spec: Path = typer.Argument(..., help="Spec YAML."),
-    traces: Optional[str] = typer.Option(None, "--traces", help="Trace store URI[@VERSION] (default: next to the spec)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Student folder (default: next to the spec)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Warm-start from a saved student."),
-    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Processes on this "
-                                                 "machine, one per GPU (default: the spec's training.nproc_per_node); "
-                                                 "above 1 the trainer runs under torchrun."),
-    nnodes: Optional[str] = typer.Option(None, "--nnodes", help="Machines in the run (N or MIN:MAX); each runs "
-                                         "this same command."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous on "
-                                                "the first machine (several machines)."),
-) -> None:
-    """Train the student on a trace-store version (progress bar, per-epoch metrics); on several
-    processes or machines through torchrun (--nproc-per-node, --nnodes, --rdzv-endpoint)."""
-    runtime.configure()
-    s = _load_spec(spec)
-    launch = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes,
-                                "rdzv_endpoint": rdzv_endpoint}.items() if v is not None}
-    if launch:
-        try:
-            s = s.model_copy(update={"training": type(s.training).model_validate(s.training.model_dump() | launch)})
-        except ValueError as e:
-            _fail(f"distillery train: {e}")
-    from distillery.students.training.train import train as run_train
-
-    from distillery.teachers.store import TraceStore, parse_traces_ref
-
-    uri = traces or str(spec.resolve().parent / "traces.lance")
-    try:
-        store_uri, version = parse_traces_ref(uri)
-        if TraceStore(store_uri).version is None:
-            raise ValueError(f"trace store {store_uri} holds no commit yet (missing or empty): record traces "
-                             f"first (distillery record {spec} --inputs PATH --traces {store_uri})")
-    except ValueError as e:
-        _fail(f"--traces {uri}: {e}")
-    out_dir = out or spec.resolve().parent / "student"
-    if s.training.launched:
-        _train_launched(s, uri, out_dir, resume, init_from)
-        return
-    try:
-        result = run_train(s, uri, None, out_dir, resume=resume, init_from=init_from, progress=True)
-    except ValueError as e:  # a version the store lacks, no usable record for this graph, ...
-        _fail(f"distillery train --traces {uri}: {e}")
-    console.print(f"student written to {result.out_dir} from {result.traces_uri}@{result.traces_version} "
-                  f"({result.num_train} train / {result.num_val} val records, {result.seconds:.0f} s)",
-                  soft_wrap=True)
-    print(json.dumps({"out_dir": str(result.out_dir), "traces_version": result.traces_version,
-                      "metrics": result.metrics}, default=str))
-
-
-def _train_launched(s, uri: str, out_dir: Path, resume: bool, init_from: Optional[Path]) -> None:
-    """``distillery train`` as a torchrun process group (``flows.launch``); its summary printed."""
-    from distillery.flows.launch import launch
-    from distillery.flows.train import read_result
-
-    cfg = s.training
-    console.print(f"training under torchrun: {cfg.nproc_per_node} process(es) per node, {cfg.nnodes} node(s)")
-    try:
-        launch(s, {"traces": uri, "out_dir": str(out_dir.resolve()), "resume": resume,
-                   "init_from": str(init_from.resolve()) if init_from else None})
-    except RuntimeError as e:
-        _fail(str(e), code=1)
-    try:
-        result = read_result(out_dir)
-    except FileNotFoundError:  # another machine's processes held rank 0, and this one's folder is not shared
-        console.print(f"this machine's processes are done; rank 0 wrote the student on its machine ({out_dir})")
-        return
-    console.print(f"student written to {result['out_dir']} from {result['traces_uri']}@{result['traces_version']}"
-                  f" ({result['seconds']:.0f} s)", soft_wrap=True)
-    print(json.dumps({"out_dir": result["out_dir"], "traces_version": result["traces_version"],
-                      "metrics": result["metrics"]}, default=str))
 
 
 # NAME, NAME@ALIAS or NAME/VERSION: a registry reference (as `distillery pull` takes them).
@@ -387,6 +294,8 @@ def distill(
     eval_inputs: Optional[Path] = typer.Option(None, "--eval-inputs", help="Held-out inputs for evaluation."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Students and local MLflow store."),
     no_warm_start: bool = typer.Option(False, "--no-warm-start", help="Train from scratch even if a champion exists."),
+    on_policy: Optional[bool] = typer.Option(None, "--on-policy/--no-on-policy", help="Add the on-policy rounds "
+                                             "after the offline epochs (default: the spec's training.on_policy)."),
 ) -> None:
     """Record -> train -> evaluate -> register -> promote (the Prefect `distill` flow, locally)."""
     runtime.configure()
@@ -397,7 +306,8 @@ def distill(
     with runtime.local_prefect():
         result = distill_flow(spec=s, inputs=str(inputs), traces=traces or str(base / "traces.lance"),
                               eval_inputs=str(eval_inputs) if eval_inputs else None,
-                              workdir=str(workdir or base / "runs"), warm_start=not no_warm_start)
+                              workdir=str(workdir or base / "runs"), warm_start=not no_warm_start,
+                              on_policy=on_policy)
     print(json.dumps(result, default=str))
 
 

@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from distillery.flows.artifacts import publish_fidelity, publish_forgetting, publish_links
 from distillery.flows.record import record_flow
 from distillery.flows.spec import Spec
-from distillery.flows.train import read_result, train_flow
+from distillery.flows.train import read_result, train_flow, with_on_policy
 from distillery.registry.models import find_registered, register_distilled, use_store
 from distillery.registry.pull import pull_champion
 from distillery.registry.tracking import (log_evaluation_run, log_forgetting, log_record_summary, open_run,
@@ -44,7 +44,7 @@ SAMPLES = 3  # teacher-vs-student overlays logged per run
 @flow(name="distill", log_prints=True)
 def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", eval_inputs: str | None = None,
                  eval_traces: str | None = None, workdir: str | None = None, warm_start: bool = True,
-                 spec_path: str | None = None) -> dict:
+                 spec_path: str | None = None, on_policy: bool | None = None) -> dict:
     """Distill the teacher graph into a registered student.
 
     Args:
@@ -57,8 +57,11 @@ def distill_flow(spec: Spec | None = None, inputs: str = "", traces: str = "", e
         workdir: where students and the local MLflow store go (default: the user data dir).
         warm_start: continue from the current champion (continual distillation) when there is one.
         spec_path: a spec YAML on the worker, used when ``spec`` is not given (deployments).
+        on_policy: add the on-policy rounds (``training.on_policy``) after the offline epochs
+            (None: as the spec says).
     """
     spec, work = prepare(spec, spec_path, inputs, traces, workdir, eval_inputs)
+    spec = with_on_policy(spec, on_policy)
     recorded = record_flow(spec=spec, inputs=inputs, traces=traces)
     if eval_inputs:
         eval_traces = eval_traces or str(Path(traces).with_name(Path(traces).stem + "-eval.lance"))

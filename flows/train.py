@@ -30,7 +30,7 @@ RESULT_FILE = "train_result.json"  # the flow's return value, beside the student
 def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None,
                init_from: str | None = None, since_version: int | None = None,
                mlflow_run_id: str | None = None, tracking_uri: str | None = None, progress: bool = True,
-               nproc_per_node: int | None = None) -> dict:
+               nproc_per_node: int | None = None, on_policy: bool | None = None) -> dict:
     """Train the student on ``traces`` (``URI`` or ``URI@VERSION``) and save it in ``out_dir``.
 
     Args:
@@ -46,7 +46,10 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
         progress: draw the progress bar (on a terminal) and print each epoch's table of losses.
         nproc_per_node: training processes on this machine (one per GPU; default: the spec's
             ``training.nproc_per_node``); above 1 the step runs as a torchrun process group.
+        on_policy: run the on-policy rounds (``training.on_policy``) after the offline epochs
+            (None: as the spec says).
     """
+    spec = with_on_policy(spec, on_policy)
     if nproc_per_node is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"nproc_per_node": nproc_per_node})})
     params = {"traces": traces, "out_dir": out_dir, "version": version, "init_from": init_from,
@@ -72,6 +75,14 @@ def train_flow(spec: Spec, traces: str, out_dir: str, version: int | None = None
         summary = run_training(spec, **params, on_event=on_event)
     update_progress_artifact(progress_id, 100.0)
     return summary
+
+
+def with_on_policy(spec: Spec, enabled: bool | None) -> Spec:
+    """The spec with ``training.on_policy.enabled`` set (None: unchanged)."""
+    if enabled is None or enabled == spec.training.on_policy.enabled:
+        return spec
+    on_policy = spec.training.on_policy.model_copy(update={"enabled": enabled})
+    return spec.model_copy(update={"training": spec.training.model_copy(update={"on_policy": on_policy})})
 
 
 def run_training(spec: Spec, traces: str, out_dir: str, version: int | None = None, init_from: str | None = None,

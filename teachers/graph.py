@@ -120,6 +120,7 @@ class TeacherGraph:
             name: node_class(cfg.type)(name, cfg) for name, cfg in self.teachers.items()
         }
         self._loaded = False
+        self._loaded_nodes: set[str] = set()
         self._fingerprint: str | None = None
 
     @property
@@ -169,6 +170,26 @@ class TeacherGraph:
         for start in range(0, len(items), bs):
             results.extend(self._run_batch(node, items[start:start + bs]))
         return results
+
+    def score_node(self, name: str, requests: list[Request], upstream: list[dict[str, dict]],
+                   continuations: list[list[int]]) -> tuple[list[str], list[dict[str, Any]], float]:
+        """The node's teacher-forced view of given continuations (on-policy distillation: the
+        student's answers): each input's prompt is rendered through the node's templates from the
+        request and the recorded upstream outputs, exactly as in recording, then the node's
+        ``score`` gives its top-k log-probs at every position of the continuation. Loads this
+        node alone. Returns (rendered prompts, scores, seconds). A node type that cannot score
+        (no ``score`` method, e.g. a server without prompt log-probs) raises NotImplementedError."""
+        node = self.nodes[name]
+        if not callable(getattr(node, "score", None)):
+            raise NotImplementedError(f"node {name!r} (type {self.teachers[name].type}) cannot score a given "
+                                      "continuation (no teacher-forced log-probs)")
+        if name not in self._loaded_nodes and not self._loaded:
+            node.load()
+            self._loaded_nodes.add(name)
+        prompts = [item.texts["prompt"] for item in self.node_inputs(name, requests, upstream)]
+        t0 = time.perf_counter()
+        scores = node.score(prompts, continuations) if prompts else []
+        return prompts, scores, time.perf_counter() - t0
 
     @staticmethod
     def _run_batch(node: TeacherNode, batch: list[NodeInput]) -> list[NodeResult]:

@@ -72,3 +72,35 @@ class TeacherRecord:
     timings: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+
+
+def answer_hash(token_ids) -> str:
+    """Content address of a continuation (a student's answer): sha256 of its token ids."""
+    return hashlib.sha256(",".join(str(int(t)) for t in token_ids).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ScoreRecord:
+    """The teacher's view of one continuation it did not generate (on-policy distillation: the
+    student's answer to a training input, scored token by token by the teacher LLM node).
+
+    Keyed by (round, input_id, answer_hash, graph_fingerprint, node): a rerun or a resumed run
+    that meets the same student answer in the same round reads it back instead of paying for
+    the teacher call again. ``scores`` holds the node's ``score`` output (``topk_ids`` (T, k)
+    int32, ``topk_logprobs`` (T, k) fp16, ``token_logprobs`` (T,) float32) over ``token_ids``
+    (T,), the whole continuation the teacher was given after the prompt."""
+
+    round: int
+    input_id: str
+    answer_hash: str
+    graph_fingerprint: str
+    node: str
+    prompt: str
+    token_ids: Any  # (T,) int32: the continuation scored (the teacher's recorded prefix + the answer)
+    scores: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # the teacher's time on this continuation
+    created_at: str = ""
+
+    @property
+    def key(self) -> tuple[int, str, str, str, str]:
+        return (self.round, self.input_id, self.answer_hash, self.graph_fingerprint, self.node)

@@ -133,6 +133,32 @@ def test_train_on_a_pinned_version_prints_epochs_agreement_and_the_version_read(
     assert (out / "model.safetensors").is_file()
 
 
+def test_train_on_policy_resumes_the_finished_offline_run_and_reports_its_teacher_calls(example, small_spec,
+                                                                                          trained, tmp_path):
+    """`--on-policy --resume` on a finished offline run: no offline epoch again (the run key ignores
+    training.on_policy), then the rounds, their teacher calls counted in the output and the JSON."""
+    spec = yaml.safe_load(small_spec.read_text())
+    spec.setdefault("training", {})["on_policy"] = {"rounds": 2, "samples_per_round": 6, "steps_per_round": 2}
+    path = tmp_path / "spec-onpolicy.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = Path(shutil.copytree(trained["out"], tmp_path / "student"))
+    result = invoke("train", path, "--traces", f"{example['traces']}@1", "--out", out, "--resume", "--on-policy")
+    assert result.exit_code == 0, result.output
+    assert "on-policy: 2 round(s)" in result.output and "teacher calls" in result.output
+    metrics = last_json(result.stdout)["metrics"]
+    assert metrics["steps"] == last_json(trained["result"].stdout)["metrics"]["steps"]  # no offline step again
+    op = metrics["on_policy"]
+    assert op["rounds"] == 2 and op["scored"] + op["skipped"] == op["answered"] and op["teacher_calls"] == op["scored"]
+    # 6 answers a round, or none where the tiny example's LLM teacher never finishes an answer (said so)
+    assert op["answered"] == 12 or (op["answered"] == 0 and "no training record has a usable" in result.output)
+    assert (out / "checkpoints_onpolicy").is_dir()
+
+
+def test_train_on_policy_under_torchrun_exits_2_saying_why(example, small_spec):
+    result = invoke("train", small_spec, "--traces", example["traces"], "--on-policy", "--nproc-per-node", "2")
+    assert_clean_error(result, "--on-policy", "one process")
+
+
 @pytest.mark.parametrize("suffix", ["@x", "@0", "@99", "-missing.lance"])
 def test_bad_traces_exit_2_naming_them(example, recorded, suffix):
     traces = example["traces"].removesuffix(".lance") + suffix if suffix.endswith(".lance") else \

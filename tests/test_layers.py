@@ -37,6 +37,7 @@ LAYERS = [
     ("distillery.registry", 3, "registry"),
     ("distillery.flows", 4, "flows"),
     ("distillery.cli", 5, "top"),
+    ("distillery.cli_train", 5, "top"),
     ("distillery.demo", 5, "top"),
     ("benchmarks", 5, "top"),
 ]

@@ -10,6 +10,39 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class OnPolicyConfig(BaseModel):
+    """On-policy distillation after the offline epochs (GKD, Agarwal et al. 2024; MiniLLM, Gu et al.
+    2024): in each round the student answers a sample of training inputs, the white-box teacher
+    LLM node scores those answers token by token (its top-k log-probs on the student's own tokens,
+    given the same prompt and upstream outputs), and the student trains on that signal, mixed with
+    offline batches. Spec key ``training.on_policy``; see docs/onpolicy.md."""
+
+
+    enabled: bool = Field(False, description="Run the on-policy rounds after the offline epochs.")
+    rounds: int = Field(3, ge=1, description="Rounds of (student answers -> teacher scores -> train).")
+    samples_per_round: int = Field(64, ge=1, description="Training inputs the student answers each round "
+                                   "(drawn anew each round, seeded by (seed, round)).")
+    steps_per_round: int = Field(20, ge=1, description="Optimizer steps each round.")
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="Share of the round's steps "
+                         "taken on the student's scored answers (the rest on offline batches), as GKD's "
+                         "lambda; 1: on-policy only.")
+    kind: Literal["forward", "reverse", "jsd"] = Field("jsd", description="Divergence on the student's "
+                                                         "tokens: forward KL(teacher||student), reverse "
+                                                         "KL (MiniLLM) or the generalized JSD (GKD).")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight of the generalized JSD.")
+    temperature: float = Field(1.0, gt=0.0, description="Temperature of the divergence on on-policy "
+                               "batches (1: the teacher's own distribution).")
+    lr: float = Field(1e-4, gt=0, description="Constant learning rate of the on-policy steps (the offline "
+                      "schedule has decayed by then).")
+    decoding: Literal["greedy", "sample"] = Field("greedy", description="How the student answers: greedy "
+                                                   "(what it serves) or sampled at `sample_temperature`.")
+    sample_temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (decoding: sample).")
+    node: str | None = Field(None, description="The teacher LLM node that scores (default: the graph's "
+                             "only `llm` node, else its only `openai` node).")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class TrainConfig(BaseModel):
     """How the student is trained: optimisation, schedule, checkpoints, devices, data split."""
 
@@ -76,6 +109,9 @@ class TrainConfig(BaseModel):
     deployment: str | None = Field(None, description="Run the train step as this Prefect deployment "
                                    "(e.g. 'train/gpu' on the gpu work pool, see prefect.yaml); None: "
                                    "in-process. Trace store and output paths must be shared storage.")
+
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="On-policy rounds "
+                                      "after the offline epochs (off by default; `distillery train --on-policy`).")
 
     @model_validator(mode="after")
     def _rendezvous(self) -> "TrainConfig":

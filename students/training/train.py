@@ -191,7 +191,8 @@ def run_key(spec: Spec, data: Traces, split: Split, ctx: Dist, init_from: str | 
                          .encode()).hexdigest()
     blob = json.dumps({"traces": [data.uri, data.version, data.fingerprint], "records": ids,
                        "world": ctx.world_size, "student": spec.student.model_dump(mode="json"),
-                       "training": spec.training.model_dump(mode="json"),
+                       # the on-policy rounds come after: a run that adds them resumes the offline checkpoints
+                       "training": spec.training.model_dump(mode="json", exclude={"on_policy"}),
                        "init_from": str(init_from) if init_from else None}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -286,7 +287,14 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
                       run_key=run_key(spec, data, split, ctx, init_from))
     state = trainer.run(resume=resume)
     metrics = final_metrics(state.history) | {"num_train": len(split.train), "num_val": len(split.val)}
+    if cfg.on_policy.enabled:
+        phase = on_policy_phase(spec, data, split, trainer, datasets[0], resume=resume, callback=callback)
+        metrics |= {"agreement_offline": metrics["agreement"]} | phase if "agreement" in phase else phase
     lineage = make_lineage(spec, data, split, ctx, init_from, state.step)
+    if "on_policy" in metrics:  # the rounds' scores live in the trace store beside the records
+        kept = ("node", "rounds", "teacher_calls", "fallback")
+        lineage["on_policy"] = {k: metrics["on_policy"].get(k) for k in kept} | {
+            "scores_uri": f"{data.uri.rstrip('/')}/_scores.lance"}
     if ctx.is_main:
         model.save_pretrained(out_dir)
         write_json(out_dir / "metrics.json", metrics)
@@ -298,6 +306,43 @@ def train(spec: Spec, traces: str, version: int | None = None, out_dir: str | Pa
         dist.barrier()
     return TrainResult(out_dir, data.uri, data.version, metrics, state.history, len(split.train), len(split.val),
                        split.num_replay, time.perf_counter() - t0, lineage, model)
+
+
+def on_policy_phase(spec: Spec, data: Traces, split: Split, trainer: Trainer, train_ds, *, resume: bool,
+                    callback: Callback | None) -> dict[str, Any]:
+    """The on-policy rounds after the offline epochs (``students.training.onpolicy``), scored by the
+    spec's teacher LLM node through the graph, with the trace store's score table as the cache.
+    Returns ``{"on_policy": summary, "agreement": after the rounds, "agreement_offline": before}``."""
+    from dataclasses import asdict
+
+    from distillery.students.data import TraceDataset, collate
+    from distillery.students.training.onpolicy import Scorer, run_onpolicy, scoring_node
+    from distillery.teachers.graph import TeacherGraph
+    from distillery.teachers.store import TraceStore
+
+    op = spec.training.on_policy
+    graph = TeacherGraph(spec.teachers)
+    node = scoring_node(graph.teachers, op)
+    if train_ds.schema.nodes[node].get("cross_tokenizer"):
+        reason = (f"node {node!r}: the student has its own tokenizer (student.tokenizer), so the teacher cannot "
+                  "score its tokens")
+        warnings.warn(f"on-policy distillation skipped, the student is the offline one: {reason}", stacklevel=2)
+        return {"on_policy": {"node": node, "fallback": reason}}
+    scorer = Scorer(graph, TraceStore(data.uri).scores, node, data.fingerprint)
+    make = lambda recs: TraceDataset(recs, train_ds.schema, train_ds.cfg, train_ds.tok, train=False)  # noqa: E731
+    key = hashlib.sha256(f"{trainer.run_key}|{op.model_dump_json()}".encode()).hexdigest()[:16]
+    try:
+        summary = run_onpolicy(trainer, split.train, scorer, op, seed=spec.training.seed, offline=train_ds,
+                               make_dataset=make, collate=collate, run_key=key, resume=resume, callback=callback)
+    except NotImplementedError as e:  # a teacher that cannot score given tokens (a black-box server)
+        message = f"on-policy distillation skipped, the student is the offline one: {e}"
+        warnings.warn(message, stacklevel=2)
+        return {"on_policy": {"node": node, "fallback": str(e)}}
+    out: dict[str, Any] = {"on_policy": asdict(summary)}
+    if trainer.agreement is not None and trainer.ctx.is_main:
+        measured = trainer.measure_agreement()
+        out["agreement"] = {n: {m: v for m, v in ms.items() if m != "n"} for n, ms in measured.items()}
+    return out
 
 
 def export_student_onnx(out_dir: Path, calibration: list[dict]) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distillery.teachers.base import ItemError, NodeInput, RetryableError, TeacherNode, TransientError, register_node
-from distillery.teachers.generation import GenerationConfig, assemble, generation_row
+from distillery.teachers.generation import GenerationConfig, assemble, generation_row, topk_layout
 from distillery.teachers.remote import Pacer, TokenMap, retry_after, run_coroutine, soft_labels
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,11 @@ class OpenAIConfig(GenerationConfig):
 
     def identity(self) -> dict[str, str]:
         return {"served_model": self.model, **super().identity()}  # + the tokenizer's file hashes
+
+
+class ScoringUnsupported(NotImplementedError):
+    """The server (or this node's config) cannot score a given continuation: on-policy distillation
+    falls back to the offline path, saying why."""
 
 
 class RequestFailed(Exception):
@@ -186,6 +191,66 @@ class OpenAINode(TeacherNode):
                                        + usage["completion_tokens"] * price.completion) / 1e6
         head = {"prompt": prompt, "num_prompt_tokens": rows[0]["usage"]["prompt_tokens"]}
         return assemble(head, rows, cfg.selection) | {"usage": usage, "seconds": sum(r["seconds"] for r in rows)}
+
+    # -- scoring given continuations (on-policy distillation) ----------------------------------------
+    def score(self, prompts: list[str], continuations: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        """The served model's top-k log-probs on given continuations (the student's answers), in the
+        ``llm`` node's ``score`` layout, through the completions API: the prompt (the tokenizer's chat
+        template applied when it has one) and the continuation sent as token ids, with ``echo`` and
+        ``logprobs``, so the server returns the log-probs of the tokens it was given (vLLM and
+        other servers of the legacy completions API do). Raises ``ScoringUnsupported`` naming the
+        reason where that cannot work: no ``tokenizer``, no completions endpoint, no prompt log-probs
+        returned, or returned tokens that are not the ones sent."""
+        cfg = self.config
+        if self.tok is None:
+            raise ScoringUnsupported(f"openai node {self.name!r}: scoring the student's tokens needs `tokenizer` "
+                                     "(the served model's) to send token ids and map the returned ones back")
+        from openai import APIStatusError, OpenAI
+
+        k = max(1, min(cfg.logprobs_k or 1, 20))
+        out = []
+        with OpenAI(base_url=cfg.base_url, api_key=self._key, timeout=cfg.timeout_s, max_retries=cfg.max_retries,
+                    http_client=getattr(self, "http_client", None)) as client:
+            for prompt, cont in zip(prompts, continuations):
+                p_ids = self._prompt_ids(prompt)
+                try:
+                    resp = client.completions.create(model=cfg.model, prompt=p_ids + list(cont), echo=True,
+                                                     logprobs=k, max_tokens=1, temperature=0.0)
+                except APIStatusError as e:
+                    if e.status_code >= 500 or e.status_code in RETRY_STATUS:
+                        raise
+                    raise ScoringUnsupported(self._scrub(
+                        f"openai node {self.name!r}: {cfg.base_url} refused a completions request with echo and "
+                        f"logprobs (HTTP {e.status_code}): it cannot score a given continuation")) from None
+                out.append(self._echoed(resp, len(p_ids), list(cont)))
+        return out
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            messages = ([{"role": "system", "content": self.config.system}] if self.config.system else []) + \
+                [{"role": "user", "content": prompt}]
+            return list(self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        return self.tok(prompt)["input_ids"]
+
+    def _echoed(self, resp: Any, start: int, cont: list[int]) -> dict[str, np.ndarray]:
+        """The continuation's rows of an echoed completion, checked against the ids sent."""
+        lp = resp.choices[0].logprobs if resp.choices else None
+        where = f"openai node {self.name!r}: {self.config.base_url}"
+        rows = (getattr(lp, "top_logprobs", None) or [])[start:start + len(cont)]
+        if lp is None or len(rows) != len(cont) or any(not r for r in rows):
+            raise ScoringUnsupported(f"{where} returned no log-probs of the prompt's tokens (echo ignored): it "
+                                     "cannot score a given continuation")
+        tokens = lp.tokens[start:start + len(cont)]
+        if [self.tokens.id(t, None) for t in tokens] != cont:
+            raise ScoringUnsupported(f"{where} echoed other tokens than the ones sent (is `tokenizer` the "
+                                     "served model's?)")
+        k = min(len(r) for r in rows)
+        top = [sorted(r.items(), key=lambda kv: -kv[1])[:k] for r in rows]
+        ids = [[self.tokens.id(t, None) for t, _ in row] for row in top]
+        if any(i is None for row in ids for i in row):
+            raise ScoringUnsupported(f"{where}: returned alternatives do not map to {self.config.tokenizer}'s ids")
+        return topk_layout(ids, [[v for _, v in row] for row in top]) | {
+            "token_logprobs": np.asarray(lp.token_logprobs[start:start + len(cont)], np.float32)}
 
     def _request(self, prompt: str, sample: int) -> dict[str, Any]:
         """The chat-completions arguments of one draft (seeded, so drafts differ reproducibly)."""
