@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     quick = args.quick
     op = {"enabled": True, "rounds": args.rounds or (2 if quick else 4), "samples_per_round":
           args.samples or (32 if quick else 512), "steps_per_round": args.steps or (4 if quick else 60),
-          "lambda": args.lmbda, "kind": args.kind, "lr": spec.training.lr * 0.1}
+          "gkd_lambda": args.lmbda, "kind": args.kind, "lr": spec.training.lr * 0.1}
     epochs = args.epochs or (12 if quick else spec.training.epochs)  # tiny's 1 epoch: a student that says nothing
     bench = workdir / "bench-onpolicy"
     spec_b = with_training(spec, epochs=epochs, on_policy=op, onnx_export=False, agreement_every=0)

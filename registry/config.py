@@ -27,7 +27,7 @@ CHAMPION = "champion"  # alias on the version that passed the promotion gate
 # torch-free runtime's packages (students/serving/runtime.py) and MLflow's own; a student logged
 # without ONNX graphs runs on torch and needs TORCH_PACKAGES too.
 RUNTIME_PACKAGES = ("mlflow", "onnxruntime", "numpy", "pillow", "tokenizers", "pycocotools", "pandas")
-TORCH_PACKAGES = ("torch", "torchvision", "transformers", "safetensors", "pydantic")
+TORCH_PACKAGES = ("torch", "torchvision", "transformers", "safetensors", "pydantic", "timm")
 
 
 class RegistryConfig(BaseModel):

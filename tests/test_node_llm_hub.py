@@ -13,14 +13,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from distillery.teachers.base import NodeInput
 from distillery.teachers.nodes.llm import LLMConfig, LLMNode
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["objects: 2 red boxes, 1 blue box. question: how many boxes are there? answer: three",
           "facts: pumps leak when seals wear. question: why does the pump leak? answer: the seal",
           "<think> count the red boxes then the blue ones </think> the answer is three"] * 20
@@ -28,29 +24,11 @@ PROMPT = "objects: 2 red boxes. question: how many red boxes?"
 
 
 def save_hub_model(path, arch: str, think_special: bool) -> str:
-    """A hub-style folder: byte-level BPE tokenizer (+ chat template) and a tiny random model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, \
-        Qwen2ForCausalLM
+    """A hub-style folder: byte-level BPE tokenizer (+ chat template) and a tiny random model
+    (the demo's stand-in writer, on this file's corpus)."""
+    from distillery.demo.standins import write_hub_llm
 
-    specials = SPECIALS + (["<think>", "</think>"] if think_special else [])
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=specials[3:])
-    tok.chat_template = CHATML
-    tok.save_pretrained(path)
-    kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))
-    model.generation_config = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"),
-                                                             tok.convert_tokens_to_ids("<|endoftext|>")])
-    model.save_pretrained(path)
-    return str(path)
+    return write_hub_llm(path, arch, think_special, corpus=CORPUS)
 
 
 def node(path: str, **kw) -> LLMNode:

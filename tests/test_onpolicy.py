@@ -135,7 +135,7 @@ def world(root: Path, name: str, spec_file: str = "spec.yaml", **on_policy):
     from distillery.teachers.store import TraceStore
 
     spec = load_spec(root / spec_file)
-    op = {"enabled": True, "rounds": 2, "samples_per_round": 4, "steps_per_round": 2, "lambda": 1.0,
+    op = {"enabled": True, "rounds": 2, "samples_per_round": 4, "steps_per_round": 2, "gkd_lambda": 1.0,
           "lr": 1e-3} | on_policy
     training = TrainConfig(epochs=25, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=2, val_fraction=0.3,
                            agreement_every=0, device="cpu", seed=3, onnx_export=False, on_policy=op)

@@ -30,6 +30,16 @@ class StudentConfig(BaseModel):
                             "average-pooled to image_grid x image_grid tokens for the text decoder.")
     channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
                                 "format (faster on CPU and on tensor cores).")
+    vision_backbone: str | None = Field(
+        None, description="A pretrained backbone in place of the built-in conv encoder: 'timm/<name>' "
+        "(e.g. timm/mobilenetv3_small_100) or 'torchvision/<name>' (a model with a 'features' Sequential, "
+        "e.g. torchvision/mobilenet_v3_small). Built with pretrained=False; its stride-4/8/16 features are "
+        "projected to vision_widths[1:] (docs/pretrained.md).")
+    vision_weights: str | None = Field(None, description="The backbone's weights: a local .safetensors / "
+                                       ".bin / .pth file, or a folder with model.safetensors or "
+                                       "pytorch_model.bin. None: random init. Never downloaded.")
+    freeze_vision_backbone: bool = Field(False, description="Keep the backbone's weights and BatchNorm "
+                                         "statistics as loaded (the projections and heads still train).")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a "
                          "training image (boxes and masks flipped with it). Deterministic per "
                          "(seed, epoch, index): see TraceDataset.set_epoch.")
@@ -41,6 +51,19 @@ class StudentConfig(BaseModel):
                                   "and its stored top-k soft labels count through the universal logit "
                                   "distillation loss (sorted probabilities, aligned by position; "
                                   "docs/cross-tokenizer.md).")
+    text_base: str | None = Field(
+        None, description="A small causal LM as the text side (a local folder, or a hub id already in the "
+        "local cache; e.g. a SmolLM2-135M- or Qwen2.5-0.5B-shaped model): its blocks, embeddings and "
+        "tokenizer replace the built-in decoder (then d_model, n_layers, n_heads, mlp_ratio and dropout "
+        "come from its config, and tokenizer defaults to its own). docs/pretrained.md.")
+    freeze_text_layers: int = Field(0, ge=0, description="text_base: keep its token embeddings and its "
+                                    "first N blocks as loaded.")
+    lora_rank: int = Field(0, ge=0, description="text_base: LoRA adapters of this rank (peft) on "
+                           "lora_targets, the base's own weights frozen; 0: full fine-tuning. Merged "
+                           "into the weights when the student is saved.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (scale = alpha / rank).")
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    description="Names of the text base's linear layers that get LoRA adapters.")
     d_model: int = Field(128, ge=16, description="Width of the text decoder.")
     n_layers: int = Field(3, ge=1, description="Transformer blocks in the text decoder.")
     n_heads: int = Field(4, ge=1, description="Attention heads per block (must divide d_model).")
@@ -110,8 +133,14 @@ class StudentConfig(BaseModel):
     def _sizes_fit(self) -> "StudentConfig":
         if self.image_size % 16:
             raise ValueError(f"image_size {self.image_size}: must be a multiple of 16 (the encoder's stride)")
-        if self.d_model % self.n_heads:
+        if self.text_base is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.vision_weights is not None and self.vision_backbone is None:
+            raise ValueError("vision_weights is set but vision_backbone is not (which network do they fit?)")
+        if self.vision_backbone is not None and self.vision_backbone.partition("/")[0] not in ("timm", "torchvision"):
+            raise ValueError(f"vision_backbone {self.vision_backbone!r}: expected 'timm/<name>' or 'torchvision/<name>'")
+        if self.text_base is None and (self.lora_rank or self.freeze_text_layers):
+            raise ValueError("lora_rank / freeze_text_layers apply to a text_base, and text_base is not set")
         if self.image_grid > self.image_size // 16:
             raise ValueError(f"image_grid {self.image_grid} exceeds the stride-16 grid "
                              f"({self.image_size // 16} for image_size {self.image_size})")

@@ -61,7 +61,8 @@ def build_schema(spec, records: list[TeacherRecord]) -> StudentSchema:
         outs = [r.outputs[name] for r in records if isinstance(r.outputs.get(name), dict)]
         nodes[name] = {"type": cfg.type, **head.schema_entry(name, cfg, outs)}
     sources = [src for n in nodes.values() if (src := head_class(n["type"]).tokenizer_source(n)) is not None]
-    own = getattr(spec.student, "tokenizer", None)
+    # the student's own tokenizer: named, or its text base's (a pretrained LM keeps its vocabulary)
+    own = getattr(spec.student, "tokenizer", None) or getattr(spec.student, "text_base", None)
     schema = StudentSchema(nodes, tokenizer=own or (sources[0] if sources else None),
                            default_question=spec.inputs.default_question)
     tok = load_tokenizer(schema)

@@ -16,6 +16,10 @@ detections in training and the head's own at inference (``StudentConfig.detectio
 vision encoder is not, training can add text-only steps on fresh batches
 (``TrainConfig.text_echo``, ``forward(batch, echo=True)``). Saved as ``model.safetensors`` +
 ``config.json`` (config + schema) + the tokenizer files; loading never unpickles.
+
+The vision side is ``vision.py``'s (built-in, or a named timm / torchvision backbone:
+``backbones.py``), the text side ``text.py``'s (built-in) or ``text_base.py``'s (a pretrained
+causal LM, its config saved in ``text_base/``, LoRA merged): docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -27,164 +31,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distillery.students.model.config import StudentConfig
 from distillery.students.model.schema import StudentSchema, load_tokenizer
 from distillery.students.model.decoding import answer_limit, greedy_decode
-from distillery.students.model.heads import Features, conv_bn_act, head_class
+from distillery.students.model.heads import Features, head_class
 from distillery.students.model.losses import LossBalancer
+from distillery.students.model.text import TextDecoder
+from distillery.students.model.vision import build_vision
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# Vision: a few conv stages and a light top-down fusion
-# ---------------------------------------------------------------------------------------------
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.body = nn.Sequential(conv_bn_act(c, c), conv_bn_act(c, c))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
-
-
-class VisionEncoder(nn.Module):
-    """Stem (stride 2) and three stages (strides 4, 8, 16); p8 and p4 get the coarser level added
-    (FPN-style, Lin et al. 2017). ``need_p4``: only segmentation heads read stride 4."""
-
-    def __init__(self, widths: tuple[int, int, int, int], need_p4: bool):
-        super().__init__()
-        w0, w1, w2, w3 = widths
-        self.stem = conv_bn_act(3, w0, 3, 2)
-        self.s4 = nn.Sequential(conv_bn_act(w0, w1, 3, 2), ResBlock(w1))
-        self.s8 = nn.Sequential(conv_bn_act(w1, w2, 3, 2), ResBlock(w2))
-        self.s16 = nn.Sequential(conv_bn_act(w2, w3, 3, 2), ResBlock(w3))
-        self.lat16 = nn.Conv2d(w3, w2, 1)
-        self.lat8 = nn.Conv2d(w2, w1, 1) if need_p4 else None
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        c4 = self.s4(self.stem(images))  # (B, w1, S/4, S/4)
-        c8 = self.s8(c4)  # (B, w2, S/8, S/8)
-        p16 = self.s16(c8)  # (B, w3, S/16, S/16)
-        p8 = c8 + F.interpolate(self.lat16(p16), scale_factor=2.0, mode="nearest")
-        maps = {"p8": p8, "p16": p16}
-        if self.lat8 is not None:
-            maps["p4"] = c4 + F.interpolate(self.lat8(p8), scale_factor=2.0, mode="nearest")
-        return maps
-
-
-# ---------------------------------------------------------------------------------------------
-# Text: a small pre-LN transformer with a key/value cache for greedy decoding
-# ---------------------------------------------------------------------------------------------
-
-class Block(nn.Module):
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float):
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None = None):
-        B, L, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        if past is not None:  # (B, h, L_past, dh) each
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        # No dropout on the attention probabilities (only on the residual branches): it draws one
-        # random number per score, (B, heads, L, L), and cost ~15% of a CPU training step (measured).
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # mask (B, 1, L, L_keys) additive
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))
-        return x + self.drop(self.mlp(self.ln2(x))), (k, v)
-
-
-def segment_mask(seg: Tensor, valid: Tensor) -> Tensor:
-    """(B, 1, L, L) bool, who may attend to whom: the prefix (segment 0) sees the whole prefix;
-    a token of segment s sees the prefix and the earlier tokens of segment s; nobody sees
-    padding. seg (B, L) segment ids; valid (B, L) bool."""
-    qs, ks = seg[:, :, None], seg[:, None, :]  # (B, L, 1), (B, 1, L)
-    idx = torch.arange(seg.shape[1], device=seg.device)
-    causal = idx[None, :, None] >= idx[None, None, :]  # (1, L, L)
-    allowed = (ks == 0) & ((qs == 0) | causal) | (qs == ks) & causal
-    return (allowed & valid[:, None, :])[:, None]
-
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-2 / nanoGPT init: every embedding and linear weight N(0, 0.02), biases 0, so a token's
-    own embedding is not drowned by position embeddings or by the first layers' updates."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-class TextDecoder(nn.Module):
-    def __init__(self, cfg: StudentConfig, vocab_size: int, image_channels: int, summary_tokens: int = 0):
-        super().__init__()
-        d, g = cfg.d_model, cfg.image_grid
-        self.grid = g
-        self.tok_embed = nn.Embedding(vocab_size, d)
-        longest = (summary_tokens + cfg.max_question_tokens
-                   + max(cfg.max_answer_tokens, cfg.max_rationale_tokens) + 2)
-        self.text_pos = nn.Embedding(longest, d)  # summaries, question, then a segment (task token + target)
-        self.img_proj = nn.Linear(image_channels, d)
-        self.img_pos = nn.Parameter(torch.randn(g * g, d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.apply(_init_weights)
-        for block in self.blocks:  # residual projections scaled by depth (GPT-2)
-            for proj in (block.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.n_layers) ** 0.5)
-
-    def lm_head(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.tok_embed.weight)  # tied embeddings: (..., d) -> (..., V)
-
-    def prefix(self, p16: Tensor | None, texts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-        """[image tokens | text] embeddings (B, Li + Lt, d) and validity, where the text is the
-        concatenation of ``texts`` (embeddings (B, L, d), validity (B, L)): what the detection
-        heads put there, then the question. ``p16`` None: no image tokens (a text-only step).
-        Also returns the number of text tokens (B,), where every segment's positions start."""
-        emb, mask = torch.cat([t[0] for t in texts], 1), torch.cat([t[1] for t in texts], 1)  # (B, Lt, d), (B, Lt)
-        pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Lt): padding does not shift positions
-        text = emb + self.text_pos(pos)
-        if p16 is None:
-            return text, mask, mask.sum(1)
-        img = F.adaptive_avg_pool2d(p16, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, C16)
-        img = self.img_proj(img) + self.img_pos  # (B, g*g, d)
-        ones = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)
-        return torch.cat([img, text], 1), torch.cat([ones, mask], 1), mask.sum(1)
-
-    def step(self, tokens: Tensor, pos: Tensor, seg: Tensor, past: dict) -> tuple[Tensor, dict]:
-        """One greedy step: tokens (B,) at text positions pos (B,) in segment seg (B, 1), after
-        the cache ``past`` -> next-token logits (B, V) and the extended cache."""
-        x = (self.tok_embed(tokens) + self.text_pos(pos))[:, None]  # (B, 1, d)
-        hid, cache = self.run(x, seg, torch.ones(seg.shape, dtype=torch.bool, device=seg.device), past=past)
-        return self.lm_head(hid[:, -1]), cache
-
-    def run(self, x: Tensor, seg: Tensor, valid: Tensor, past: dict | None = None) -> tuple[Tensor, dict]:
-        """Blocks over x (B, L, d) with segment ids seg (B, L) and validity (B, L). With ``past``
-        (an earlier call's cache) the new tokens also see the cached keys of the prefix and of
-        their own segment. Returns the final hidden states (B, L, d) and the extended cache."""
-        mask = segment_mask(seg, valid)  # (B, 1, L, L)
-        if past is not None:
-            ks = past["seg"][:, None, :]  # (B, 1, L_past)
-            old = ((ks == 0) | (ks == seg[:, :, None])) & past["valid"][:, None, :]  # (B, L, L_past)
-            mask = torch.cat([old[:, None], mask], -1)  # (B, 1, L, L_past + L)
-        # additive float mask, built once per call (a bool mask is converted in every layer)
-        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
-        kv = []
-        for i, block in enumerate(self.blocks):
-            x, layer_kv = block(x, mask, past["kv"][i] if past is not None else None)
-            kv.append(layer_kv)
-        cache = {"kv": kv,
-                 "seg": seg if past is None else torch.cat([past["seg"], seg], 1),
-                 "valid": valid if past is None else torch.cat([past["valid"], valid], 1)}
-        return self.ln_f(x), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +52,27 @@ class TextDecoder(nn.Module):
 class MultimodalStudent(nn.Module):
     echoes = True  # the trainer may run text-only steps: forward(batch, echo=True)
 
-    def __init__(self, cfg: StudentConfig, schema: StudentSchema):
+    def __init__(self, cfg: StudentConfig, schema: StudentSchema, *, load_weights: bool = True,
+                 text_base_dir: str | Path | None = None, lora: bool = True):
+        """``load_weights``: read the pretrained parts' weights (``vision_weights``, ``text_base``);
+        a saved student (``from_pretrained``) builds the architectures only, from
+        ``text_base_dir`` (its own copy of the base's config), without adapters (merged)."""
         super().__init__()
-        self.cfg, self.schema, self.tokenizer, self.fused = cfg, schema, None, False
+        self.tokenizer, self.fused = None, False
         need_p4 = any("p4" in head_class(n["type"]).feature_maps(n) for n in schema.nodes.values())
-        self.vision = VisionEncoder(cfg.vision_widths, need_p4)
+        self.vision = build_vision(cfg, need_p4, load_weights)
+        decoder = None
+        if cfg.text_base is not None:  # its width is the heads' d_model
+            from distillery.students.model.text_base import PretrainedTextDecoder
+
+            decoder = PretrainedTextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3],
+                                            str(text_base_dir or cfg.text_base), load_weights, lora)
+            cfg = cfg.model_copy(update={"d_model": int(decoder.config.hidden_size)})
+        self.cfg, self.schema = cfg, schema
         self.heads = nn.ModuleDict({name: head_class(node["type"])(name, node, cfg)
                                     for name, node in schema.nodes.items()})
         summary_tokens = sum(head.prefix_len() for head in self.heads.values())
-        self.decoder = TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summary_tokens)
+        self.decoder = decoder or TextDecoder(cfg, schema.vocab_size, cfg.vision_widths[3], summary_tokens)
         self.balancer = LossBalancer(list(schema.nodes), cfg.balance_momentum)
         if cfg.channels_last:
             self.vision.to(memory_format=torch.channels_last)
@@ -242,19 +112,22 @@ class MultimodalStudent(nn.Module):
                                           self.decoder.tok_embed)
                 texts += [text] if text is not None else []
         texts.append((self.decoder.tok_embed(batch["question_ids"]), batch["question_mask"]))
-        prefix, valid, n_q = self.decoder.prefix(feats.maps["p16"], texts)
+        prefix, valid, n_q, prefix_pos = self.decoder.prefix(feats.maps["p16"], texts)
         segs = [s for head in self.heads.values() for s in head.segments(batch, self.decoder.tok_embed, echo)]
         parts, seg_ids, valids, starts = [prefix], [torch.zeros_like(valid, dtype=torch.long)], [valid], []
+        positions = [prefix_pos]
         start = prefix.shape[1]
         for i, s in enumerate(segs, start=1):
             L = s.embeds.shape[1]
             pos = n_q[:, None] + torch.arange(L, device=n_q.device)  # (B, L): every segment follows the question
-            parts.append(s.embeds + self.decoder.text_pos(pos))
+            parts.append(self.decoder.add_pos(s.embeds, pos))
+            positions.append(pos)
             seg_ids.append(torch.full(s.valid.shape, i, dtype=torch.long, device=n_q.device))
             valids.append(s.valid)
             starts.append(start)
             start += L
-        hidden, cache = self.decoder.run(torch.cat(parts, 1), torch.cat(seg_ids, 1), torch.cat(valids, 1))
+        hidden, cache = self.decoder.run(torch.cat(parts, 1), torch.cat(seg_ids, 1), torch.cat(valids, 1),
+                                         torch.cat(positions, 1))
         # Each segment's states, sliced from the end: its length is static, where it starts depends
         # on the question's length (a dynamic axis of the ONNX export, students/onnx.py).
         feats.text, end = {}, 0
@@ -326,7 +199,7 @@ class MultimodalStudent(nn.Module):
         self.eval()
         for module in self.modules():
             if isinstance(module, nn.Sequential) and len(module) >= 2 and isinstance(module[0], nn.Conv2d) \
-                    and isinstance(module[1], nn.BatchNorm2d):
+                    and type(module[1]) is nn.BatchNorm2d:  # (not a subclass that also activates: timm's)
                 module[0], module[1] = fuse_conv_bn_eval(module[0], module[1]), nn.Identity()
         if self.cfg.channels_last:
             self.vision.to(memory_format=torch.channels_last)
@@ -343,7 +216,11 @@ class MultimodalStudent(nn.Module):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state = dict(self.state_dict())
+            if hasattr(self.decoder, "merged_state"):  # a text base: adapters merged, its config kept
+                state = self.decoder.merged_state(state, "decoder.")
+                self.decoder.save_base_config(tmp)
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             config = {"student": self.cfg.model_dump(mode="json"), "schema": self.schema.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -365,7 +242,10 @@ class MultimodalStudent(nn.Module):
         cfg = StudentConfig.model_validate(config["student"])
         schema = StudentSchema.from_dict(config["schema"])
         schema.tokenizer = str(model_dir)
-        model = cls(cfg, schema)
+        base = model_dir / "text_base" if cfg.text_base is not None else None
+        if base is not None and not (base / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{model_dir}: a student with a text_base but no text_base/{CONFIG_FILE}")
+        model = cls(cfg, schema, load_weights=False, text_base_dir=base, lora=False)
         model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE), device=str(map_location)))
         model.tokenizer = load_tokenizer(schema)
         return model.to(map_location).eval()
@@ -379,4 +259,6 @@ def _move_into(tmp: Path, out_dir: Path) -> None:
         return
     files = sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_FILE)
     for f in files:
+        if f.is_dir() and (out_dir / f.name).is_dir():  # (text_base/: an older copy goes first)
+            shutil.rmtree(out_dir / f.name)
         os.replace(f, out_dir / f.name)

@@ -23,7 +23,7 @@ class OnPolicyConfig(BaseModel):
     samples_per_round: int = Field(64, ge=1, description="Training inputs the student answers each round "
                                    "(drawn anew each round, seeded by (seed, round)).")
     steps_per_round: int = Field(20, ge=1, description="Optimizer steps each round.")
-    lmbda: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="Share of the round's steps "
+    gkd_lambda: float = Field(0.5, ge=0.0, le=1.0, description="Share of the round's steps "
                          "taken on the student's scored answers (the rest on offline batches), as GKD's "
                          "lambda; 1: on-policy only.")
     kind: Literal["forward", "reverse", "jsd"] = Field("jsd", description="Divergence on the student's "
@@ -40,7 +40,7 @@ class OnPolicyConfig(BaseModel):
     node: str | None = Field(None, description="The teacher LLM node that scores (default: the graph's "
                              "only `llm` node, else its only `openai` node).")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class TrainConfig(BaseModel):

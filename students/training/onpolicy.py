@@ -312,7 +312,7 @@ def train_round(trainer, onpolicy_ds, offline_ds, cfg: OnPolicyConfig, seed: int
     bs, model, n_on, on_losses = trainer.cfg.batch_size, trainer.model, 0, []
     model.train()
     for _ in range(cfg.steps_per_round):
-        on = onpolicy_ds is not None and rng.random() < cfg.lmbda
+        on = onpolicy_ds is not None and rng.random() < cfg.gkd_lambda
         ds = onpolicy_ds if on else offline_ds
         batch = batch_to(collate([ds[int(i)] for i in rng.integers(0, len(ds), min(bs, len(ds)))]),
                          trainer.ctx.device)

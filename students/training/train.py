@@ -179,6 +179,10 @@ def warm_start(model: torch.nn.Module, init_from: str | Path) -> dict[str, int]:
     if not path.exists():
         raise FileNotFoundError(f"init_from {init_from}: no model.safetensors there (not a saved student)")
     saved, own = load_file(str(path)), model.state_dict()
+    for k in [k for k in saved if k not in own and k.endswith((".weight", ".bias"))]:
+        alt = ".base_layer.".join(k.rsplit(".", 1))  # LoRA: a saved (merged) X.weight is X.base_layer.weight here
+        if alt in own:
+            saved[alt] = saved.pop(k)
     same = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(same, strict=False)
     return {"copied": len(same), "kept_fresh": len(own) - len(same)}
