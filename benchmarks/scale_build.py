@@ -13,7 +13,8 @@ only) in the benchmark's work folder, for ``benchmarks.scale``.
 * the spec: ``yolo`` (yolo11n-seg.yaml, random weights; the demo's ``large_area``, so the prompt and
   the student count large objects as the demo's do) -> ``rag`` -> ``llm``, and the student the
   project's own config builds for it (``student/``: the demo's student settings at 640 px, the
-  teacher's vocabulary, random init), its schema from a few records the graph made.
+  teacher's vocabulary, random init, the demo student's answer length: one token + eos), its
+  schema from a few records the graph made.
 Each piece is kept (and reused by the next run) once complete.
 """
 
@@ -174,6 +175,9 @@ def build_inputs(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
+DEMO_ANSWER_TOKENS = 2  # the demo's 600 test answers are each 1 token of its tokenizer, + eos
+
+
 def spec_dict(work: Path, size: Size, dtype: str = "float32", device: str | None = None) -> dict[str, Any]:
     """The realistic-scale spec: yolo -> rag (flat) -> llm, and the demo's student at 640 px."""
     from distillery.demo.kb import LARGE_AREA
@@ -182,7 +186,9 @@ def spec_dict(work: Path, size: Size, dtype: str = "float32", device: str | None
     preamble = " ".join(random.Random(1).choices(words(), k=size.preamble_words))
     prompt = (f"{preamble}\ndetections: {{detector.summary}}\ncontext: {{retriever.context}}\n"
               "question: {request.question}\nthink step by step inside <think> </think> then answer")
-    student = {**PRESETS["full"]["student"], "image_size": size.imgsz}
+    # Random weights never say eos, so the student's answer length is fixed at the demo student's:
+    # every demo answer is one token, then eos (DEMO_ANSWER_TOKENS decoding steps, eos included).
+    student = {**PRESETS["full"]["student"], "image_size": size.imgsz, "max_answer_tokens": DEMO_ANSWER_TOKENS}
     return {
         "name": "scale-benchmark",
         "teachers": {
