@@ -112,6 +112,11 @@ def documents(logits: np.ndarray, node: Mapping[str, Any]) -> dict[str, Any]:
     probs = np.exp(x - x.max())
     probs /= probs.sum()
     k = min(int(node.get("top_k", 3)), probs.size)
-    idx = np.argsort(-probs, kind="stable")[:k]
+    idx = np.arange(probs.size)
+    if k < probs.size:  # a large store: the top k first (O(D)), then only they are sorted
+        idx = np.argpartition(-probs, k - 1)[:k]
+        # the k-th probability's ties beyond the partition's choice: keep the lowest indices, as a stable sort does
+        idx = np.union1d(idx, np.flatnonzero(probs == probs[idx].min()))
+    idx = idx[np.argsort(-probs[idx], kind="stable")][:k]
     doc_ids = node["doc_ids"]
     return {"ids": [doc_ids[j] for j in idx.tolist()], "scores": probs[idx].tolist()}
