@@ -4,7 +4,7 @@ process, in alternating rounds in one run; plus the size of what a phone ships a
 runtime's outputs equal the torch student's on the demo's test split.
 
     python -m benchmarks.coldstart [--preset tiny|full] [--workdir DIR] [--student DIR]
-                                   [--rounds 3] [--steady 30] [--agreement 200]
+                                   [--rounds 5] [--steady 100] [--agreement 200]
 
 The student: ``--student DIR``; else the one ``distillery demo`` pulled into the workdir (its
 ``report.json``; ``make demo`` makes one); with ``--preset tiny``, else one trained now.
@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import parser
 
     ap = parser(__doc__)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (each side once a round)")
-    ap.add_argument("--steady", type=int, default=30, help="requests timed after the first, per process")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each side once a round)")
+    ap.add_argument("--steady", type=int, default=100, help="requests timed after the first, per process")
     ap.add_argument("--agreement", type=int, default=200, help="test requests compared with the torch student")
     args = ap.parse_args(argv)
     from distillery import runtime
