@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from distillery.teachers.records import ScoreRecord, TeacherRecord
+from distillery.teachers.records import TeacherRecord
 
 SCHEMA = pa.schema([
     ("input_id", pa.string()),
@@ -313,10 +313,12 @@ class TraceStore:
         return ds.to_table(columns=columns).to_pandas()
 
     @property
-    def scores(self) -> "ScoreTable":
+    def scores(self):  # -> teachers.scores.ScoreTable
         """The teacher's scores of continuations it did not generate (on-policy distillation),
         their own kind of record in their own table inside the store (``_scores.lance``): the
         records table, and so the versions a training run pins, never change because of them."""
+        from distillery.teachers.scores import ScoreTable
+
         return ScoreTable(f"{self.uri.rstrip('/')}/_scores.lance", self._writer_lock)
 
     def versions(self) -> list[dict[str, Any]]:
@@ -331,81 +333,3 @@ class TraceStore:
                 rows = lance.dataset(self.uri, version=v["version"]).count_rows()
             out.append({"version": v["version"], "timestamp": v["timestamp"], "rows": int(rows)})
         return out
-
-
-# -- scores: the teacher's view of given continuations (teachers.records.ScoreRecord) ---------------
-SCORE_SCHEMA = pa.schema([("round", pa.int64()), ("input_id", pa.string()), ("answer_hash", pa.string()),
-                          ("graph_fingerprint", pa.string()), ("node", pa.string()), ("prompt", pa.string()),
-                          ("arrays", pa.large_binary()), ("seconds", pa.float64()), ("created_at", pa.string())])
-SCORE_KEY = ("round", "input_id", "answer_hash", "graph_fingerprint", "node")
-
-
-class ScoreTable:
-    """Append-only ScoreRecords in a Lance dataset (atomic commits, deduplicated by key under the
-    trace store's writer lock); ``TraceStore.scores`` opens it."""
-
-    def __init__(self, uri: str, lock):
-        self.uri, self._lock = uri, lock
-
-    def _dataset(self) -> lance.LanceDataset | None:
-        try:
-            return lance.dataset(self.uri)
-        except ValueError as e:
-            if "not found" in str(e).lower():
-                return None
-            raise
-
-    def read(self, fingerprint: str, node: str, rounds: list[int] | None = None) -> dict[tuple, ScoreRecord]:
-        """Stored scores of this graph's node (optionally of some rounds only), by key."""
-        ds = self._dataset()
-        if ds is None:
-            return {}
-        expr = (pc.field("graph_fingerprint") == fingerprint) & (pc.field("node") == node)
-        if rounds is not None:
-            expr = expr & pc.field("round").isin(list(rounds))
-        out = {}
-        for row in ds.to_table(filter=expr).to_pylist():
-            arrays = load_arrays(row["arrays"])
-            rec = ScoreRecord(round=int(row["round"]), input_id=row["input_id"], answer_hash=row["answer_hash"],
-                              graph_fingerprint=row["graph_fingerprint"], node=row["node"], prompt=row["prompt"],
-                              token_ids=arrays.pop("token_ids"), scores=arrays, seconds=float(row["seconds"]),
-                              created_at=row["created_at"])
-            out[rec.key] = rec
-        return out
-
-    def append(self, records: list[ScoreRecord]) -> int:
-        """Commit the records whose key is not stored yet (one atomic commit); returns how many."""
-        with self._lock():
-            stored = self.read_keys()
-            fresh, seen = [], set()
-            for r in records:
-                if r.key not in stored and r.key not in seen:
-                    seen.add(r.key)
-                    fresh.append(r)
-            if not fresh:
-                return 0
-            now = datetime.now(timezone.utc).isoformat()
-            rows = {name: [] for name in SCORE_SCHEMA.names}
-            for r in fresh:
-                arrays = {k: np.ascontiguousarray(v) for k, v in r.scores.items()}
-                arrays["token_ids"] = np.ascontiguousarray(np.asarray(r.token_ids, dtype=np.int32))
-                for name, value in zip(SCORE_KEY, r.key):
-                    rows[name].append(value)
-                rows["prompt"].append(r.prompt)
-                rows["arrays"].append(save_arrays(arrays))
-                rows["seconds"].append(float(r.seconds))
-                rows["created_at"].append(r.created_at or now)
-            table = pa.Table.from_pydict(rows, schema=SCORE_SCHEMA)
-            lance.write_dataset(table, self.uri, mode="create" if self._dataset() is None else "append")
-            return len(fresh)
-
-    def read_keys(self) -> set[tuple]:
-        ds = self._dataset()
-        if ds is None:
-            return set()
-        t = ds.to_table(columns=list(SCORE_KEY))
-        return set(zip(*(t[c].to_pylist() for c in SCORE_KEY)))
-
-    def count(self) -> int:
-        ds = self._dataset()
-        return 0 if ds is None else ds.count_rows()

@@ -194,7 +194,7 @@ class Scorer:
     """Scores continuations with the graph's node; the trace store's score table is its cache."""
 
     graph: Any  # teachers.graph.TeacherGraph
-    table: Any  # teachers.store.ScoreTable
+    table: Any  # teachers.scores.ScoreTable
     node: str
     fingerprint: str
 
