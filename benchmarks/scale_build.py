@@ -251,7 +251,9 @@ def build_hnsw(work: Path, size: Size) -> None:
 
 def build_student(work: Path, size: Size, graph) -> Path:
     """The student the project's config builds for the graph (random init), its schema from
-    ``size.records`` requests the graph records into ``traces.lance``; exported to ONNX."""
+    ``size.records`` requests the graph records into ``traces.lance``; exported to ONNX as ``distillery
+    train`` exports a student: the float graphs and the int8 ones calibrated on those requests (what
+    the runtime's ``auto`` serves)."""
     from distillery.students.model.schema import build_schema
     from distillery.students.model.student import MultimodalStudent
     from distillery.teachers.record import record
@@ -261,7 +263,7 @@ def build_student(work: Path, size: Size, graph) -> Path:
     spec = make_spec(work, size)
     key = size.key(*LLM_FIELDS, "imgsz", "documents") + hashlib.sha256(
         json.dumps([spec.student.model_dump(mode="json"), spec.teachers["detector"].model_dump(mode="json")],
-                   sort_keys=True).encode()).hexdigest()[:12]
+                   sort_keys=True).encode()).hexdigest()[:12] + "-int8"
     if _done(out, key):
         return out
     inputs = build_inputs(work / "record-inputs", size.records, seed=1)
@@ -277,7 +279,8 @@ def build_student(work: Path, size: Size, graph) -> Path:
         from distillery.students.serving import onnx
 
         if onnx.available():
-            onnx.export_onnx(out)
+            reqs = [json.loads(line) for line in (inputs / "requests.jsonl").read_text().splitlines()]
+            onnx.export_onnx(out, [{"image": str(inputs / r["image"]), "question": r["question"]} for r in reqs])
     except Exception as e:  # noqa: BLE001  (the torch student still runs; the report says why ONNX does not)
         print(f"ONNX export of {out} failed: {type(e).__name__}: {e}", flush=True)
     _mark(out, key)
