@@ -72,11 +72,11 @@ def time_dask(spec, inputs: Path, traces: str, workers: int, shard: list) -> tup
     import distributed
 
     from distillery.flows.record import record_flow
-    from distillery.flows.runners import environ_kept, graph_loads, local_cluster_kwargs
+    from distillery.flows.runners import environ_kept, graph_loads, local_cluster_kwargs, worker_settings
 
     cfg = spec.record.model_copy(update={"runner": "dask", "dask_workers": workers})
     t0 = time.perf_counter()
-    with environ_kept(), distributed.LocalCluster(**local_cluster_kwargs(cfg)) as cluster, \
+    with environ_kept(), worker_settings(), distributed.LocalCluster(**local_cluster_kwargs(cfg)) as cluster, \
             distributed.Client(cluster) as client:
         client.run(_warm_imports)
         from distillery.teachers.graph import TeacherGraph

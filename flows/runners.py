@@ -25,7 +25,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import distillery.teachers.nodes  # noqa: F401  (registers every node type in a worker process)
@@ -100,9 +100,13 @@ def run_shard_on_worker(shard: int, work: ShardWork) -> list[TeacherRecord]:
     process): the shard's records, which the flow commits. One task per shard, not per node: a
     task's round trip (Prefect's task engine, Dask's scheduler, the upstream outputs and the
     decoded images going back and forth) is paid once per shard, and the images are decoded once."""
+    t0 = time.perf_counter()
     graph = worker_graph(work.teachers, work.fingerprint)
     with _graph_lock(work.fingerprint):
-        return run_shard(graph, work.requests)
+        records = run_shard(graph, work.requests)
+    get_run_logger().info("shard %d: %d records in %.2f s on worker pid %d", shard, len(records),
+                          time.perf_counter() - t0, os.getpid())
+    return records
 
 
 def _graph_lock(fingerprint: str) -> threading.Lock:
@@ -145,6 +149,26 @@ def environ_kept() -> Iterator[None]:
         os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
 
 
+# Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers (to hand freed memory back to the
+# OS). Set at all, it stops glibc from raising its mmap threshold, so every large, short-lived torch
+# tensor costs an mmap, a munmap and fresh page faults: a 128-record shard of the demo graph took
+# 7.2 s on a worker against 3.8 s in the flow's process. Unset (glibc's defaults) in the workers of
+# the clusters the flow starts; an existing cluster's workers need the same (compose's dask profile
+# sets it). And no statistical profiler: every 10 ms it walks the task thread's stack under the GIL
+# (for the dashboard's profile page), while the nodes' Python (tokenizing, NMS, decoding) needs it.
+WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                      "distributed.worker.profile.enabled": False}
+
+
+@contextmanager
+def worker_settings() -> Iterator[None]:
+    """Dask's config for the LocalCluster workers started inside this block (``WORKER_DASK_CONFIG``)."""
+    import dask
+
+    with dask.config.set(WORKER_DASK_CONFIG):
+        yield
+
+
 def local_cluster_kwargs(cfg: RecordConfig) -> dict[str, Any]:
     """A LocalCluster of ``dask_workers`` processes on 127.0.0.1 (no dashboard on other
     interfaces); torch's threads in each are the cores shared among the workers."""
@@ -177,6 +201,6 @@ def dask_runner(cfg: RecordConfig) -> Iterator[tuple[Any, int]]:
         runner = DaskTaskRunner(address=cfg.dask_address)
     else:
         runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(cfg))
-    with environ_kept(), runner:
+    with environ_kept(), worker_settings(), runner:
         threads = sum(runner.client.nthreads().values())
         yield runner, max(2, 2 * threads)

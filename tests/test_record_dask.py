@@ -186,3 +186,30 @@ def test_shards_in_flight_run_in_the_callers_context_and_an_error_stops_new_ones
             got.append(i)
     assert len(started) <= 6  # no new shard after the failure is seen (20 would all run otherwise)
     assert sorted(got) == sorted(set(started) - {3})
+
+
+def test_the_workers_keep_glibc_malloc_and_run_no_profiler():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ made the teacher's torch work ~1.4x slower on a worker:
+    the clusters the flow starts (worker_settings) and the compose workers (docker/dask) unset it."""
+    import copy
+
+    import dask
+    import yaml
+    from distributed.nanny import _get_env_variables
+
+    from distillery.flows.runners import worker_settings
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536  # Dask's default
+    with worker_settings():
+        assert "MALLOC_TRIM_THRESHOLD_" not in _get_env_variables("distributed.nanny.pre-spawn-environ")
+        assert dask.config.get("distributed.worker.profile.enabled") is False
+    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536  # put back
+    root = Path(__file__).resolve().parents[1]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    folder = compose["services"]["dask-worker"]["environment"]["DASK_CONFIG"]
+    assert folder == "/app/docker/dask"  # the image's copy of the repository's docker/dask
+    merged = dask.config.update(copy.deepcopy(dask.config.config),  # as DASK_CONFIG's folder is read
+                                yaml.safe_load((root / "docker" / "dask" / "distillery.yaml").read_text()))
+    assert merged["distributed"]["nanny"]["pre-spawn-environ"]["MALLOC_TRIM_THRESHOLD_"] is None
+    assert merged["distributed"]["nanny"]["pre-spawn-environ"]["OMP_NUM_THREADS"] == 1  # the rest kept
+    assert merged["distributed"]["worker"]["profile"]["enabled"] is False
