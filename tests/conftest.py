@@ -71,3 +71,16 @@ def pytest_collection_modifyitems(session, config, items):
     running in the main thread while its session-wide browser lives, and Prefect's sync-compatible
     calls (``run_deployment``, ...) would return coroutines in any test after it."""
     items.sort(key=lambda item: "browser" in item.path.parent.name)  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models of the tests gain nothing from a second thread, and on a busy shared CPU the
+    idle thread's spin-waiting makes every training step many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

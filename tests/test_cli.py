@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -23,13 +22,7 @@ REPORT_KEYS = {"n_records", "student_vs_teacher", "student_vs_truth", "teacher_v
                "split", "preset", "model"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny student gains nothing from a second thread on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def invoke(*args):

@@ -41,14 +41,7 @@ def build_tokenizer(words: list[str] = WORDS, **special):
                                    bos_token="<bos>", eos_token="<eos>", **special)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from a second thread, and on a busy shared CPU the idle
-    thread's spin-waiting makes training ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

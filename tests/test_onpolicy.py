@@ -16,12 +16,7 @@ import torch
 from distillery.students.training.config import OnPolicyConfig, TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def target_from(topk_ids, topk_lp, ids) -> dict[str, torch.Tensor]:

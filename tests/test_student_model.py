@@ -23,12 +23,7 @@ from distillery.students.serving.predictor import StudentPredictor
 STEPS = 80
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second (busy, shared) core
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
