@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import (Crash, TinyStudent, assert_same_weights, config, crash_at, one_thread,  # noqa: F401
+from test_train import (Crash, TinyStudent, assert_same_weights, config, crash_at,  # noqa: F401
                         real_config, real_setup, run, weights)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_text_echo_steps_train_the_text_side_only(real_setup):
