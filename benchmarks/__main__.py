@@ -78,11 +78,12 @@ PER_NODE = ("student_vs_teacher.", "retained.", "student_vs_truth.", "teacher_vs
 # demo first: its cold run leaves the pulled student that `student` and `fidelity` measure, in the
 # same workdir, so one student is trained, not two.
 MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "openai_record", "dask_record", "reliability"]
-# Long runs, only on request (``--only scale,blackbox``): the realistic-scale graph (~20 min) and the
-# black-box demo's two extra recordings and trainings (~45 min cold); their figures are kept
-# from the results file when other benchmarks run.
-ON_REQUEST = ["scale", "blackbox"]
-SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http", "blackbox"}
+# Long runs, only on request (``--only scale,blackbox``): the realistic-scale graph (~20 min), the
+# black-box demo's two extra recordings and trainings (~45 min cold), students from pretrained
+# parts (~20 min) and offline vs on-policy training (~40 min); their figures are kept from the
+# results file when other benchmarks run.
+ON_REQUEST = ["scale", "blackbox", "pretrained", "onpolicy"]
+SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http", "blackbox", "pretrained", "onpolicy"}
 HERE = Path(__file__).parent
 
 
@@ -141,6 +142,8 @@ def render(results: dict[str, dict], quick: bool) -> str:
     lines += breakdown_lines(results.get("student", {}).get("breakdown"))
     lines += scale_lines(results.get("scale"))
     lines += blackbox_lines(results.get("blackbox"))
+    lines += pretrained_lines(results.get("pretrained"))
+    lines += onpolicy_lines(results.get("onpolicy"))
     faults = results.get("reliability", {}).get("remote_teacher_faults")
     if faults:
         lines += ["", "## Reliability: a remote teacher's faults", "",
@@ -194,6 +197,55 @@ def blackbox_lines(res: dict | None) -> list[str]:
         m = res.get(mode) or {}
         lines.append(f"| {what} | {m.get('answer_agreement')} | {m.get('answer_retained')} | "
                      f"{m.get('soft_label_share')} |")
+    return lines
+
+
+def pretrained_lines(res: dict | None) -> list[str]:
+    """Students from pretrained parts (``benchmarks.pretrained``): agreement per node and time per step."""
+    if not res or "today" not in res:
+        return []
+    base = res["today"]
+    nodes = list(base.get("agreement", {}))
+    lines = ["", f"## Students from pretrained parts, one step budget (`python -m benchmarks.pretrained`, "
+                 f"{res.get('ran', '')})", "",
+             f"Random init everywhere (no pretrained weights can be fetched here): what each path costs and how it "
+             f"trains, at {base.get('steps')} steps each on the demo's train traces, agreement with the teacher on "
+             "the test split. fwd+bwd: one forward + backward, the students taking turns (the fairer time ratio).", "",
+             "| student | parameters | trainable | ms / step | x today | fwd+bwd ms | x today | "
+             + " | ".join(nodes) + " |", "|---" * (7 + len(nodes)) + "|"]
+    for name, r in res.items():
+        if not isinstance(r, dict) or "s_per_step" not in r:
+            continue
+        fb = r.get("s_fwd_bwd")
+        cells = [name, f"{r['params']:,}", f"{r.get('trainable', r['params']):,}", f"{r['s_per_step'] * 1000:.0f}",
+                 f"{r['s_per_step'] / base['s_per_step']:.2f}",
+                 f"{fb * 1000:.0f}" if fb else "", f"{fb / base['s_fwd_bwd']:.2f}" if fb and base.get("s_fwd_bwd") else ""]
+        for node in nodes:
+            m = r.get("agreement", {}).get(node, {})
+            key = next((k for k in ("map50", "top1", "answer_em") if k in m), None)
+            cells.append(f"{key} {m[key]:.3f}" if key else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def onpolicy_lines(res: dict | None) -> list[str]:
+    """Offline only vs offline + on-policy at one wall-clock budget (``benchmarks.onpolicy``)."""
+    if not res or "offline" not in res:
+        return []
+    seed = f"seed{res.get('fresh_seed')}"
+    lines = ["", f"## On-policy distillation: offline only vs offline + on-policy, one wall-clock budget "
+                 f"(`python -m benchmarks.onpolicy`, {res.get('ran', '')})", "",
+             f"On-policy rounds: {res.get('on_policy_config')}; teacher calls {res.get('teacher_calls')} "
+             f"({res.get('teacher_seconds')} s). Train seconds: offline {res['offline'].get('train_seconds')}, "
+             f"offline + on-policy {res['on_policy'].get('train_seconds')}. Goals: answer agreement >= 0.95 on both "
+             "sets, every question type >= 0.92, detection mAP50 vs the teacher >= 0.90.", "",
+             "| set | figure | offline only | offline + on-policy |", "|---|---|---|---|"]
+    for split, label in (("test", "test split"), (seed, f"fresh world (seed {res.get('fresh_seed')})")):
+        a, b = res["offline"].get(split, {}), res["on_policy"].get(split, {})
+        for key in ("answer_agreement", "answer_accuracy", "answer_retained", "detection_map50_vs_teacher"):
+            lines.append(f"| {label} | {key} | {a.get(key)} | {b.get(key)} |")
+        for t, v in (b.get("agreement_by_type") or {}).items():
+            lines.append(f"| {label} | agreement: {t} | {(a.get('agreement_by_type') or {}).get(t)} | {v} |")
     return lines
 
 

@@ -13,8 +13,8 @@ Sides (each a fresh ``python`` process per round):
 
 * ``torch onnx-int8``: ``StudentPredictor.load(folder)``, today's default path (torch imported,
   the int8 graphs on ONNX Runtime); ``torch eager``: the same on the torch student;
-* ``runtime ort`` (the default: the int8 graphs in ORT format) and ``runtime int8`` (the .onnx
-  int8 graphs): ``StudentRuntime.load(folder)``, no torch;
+* ``runtime int8`` (the default: the .onnx int8 graphs) and ``runtime ort`` (the int8 graphs in
+  ORT format, as a phone runs them): ``StudentRuntime.load(folder)``, no torch;
 * ``cli torch onnx-int8`` / ``cli runtime``: ``distillery predict FOLDER --image --question``
   with ``--backend onnx-int8`` (before this runtime) and the default ``auto``.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 # parent's other modules are imported where they are used.)
 
 GOAL_COLD_S, GOAL_RSS_MB = 1.0, 150.0
-SIDES = ("torch onnx-int8", "torch eager", "runtime ort", "runtime int8")
+SIDES = ("torch onnx-int8", "torch eager", "runtime int8", "runtime ort")
 CLI_SIDES = {"cli torch onnx-int8": "onnx-int8", "cli runtime": "auto"}
 PHONE_FILES = ("config.json", "tokenizer.json", "onnx/meta.json")  # + the ORT graphs
 
@@ -49,7 +49,7 @@ def child(side: str, folder: str, inputs: str, steady: int) -> None:
     if side.startswith("runtime"):
         from distillery.students.serving.runtime import StudentRuntime
 
-        model = StudentRuntime.load(folder, graphs="auto" if side == "runtime ort" else "int8")
+        model = StudentRuntime.load(folder, graphs="ort" if side == "runtime ort" else "auto")
     else:
         from distillery.students.serving.predictor import StudentPredictor
 
@@ -264,7 +264,7 @@ def summarize(runs: dict[str, list[dict]], folder: Path, args) -> dict:
                  **({"steady_ms": round(med(s, "steady_ms"), 2)} if "steady_ms" in runs[s][0] else {}),
                  "cold_s_rounds": [round(r["cold_s"], 3) for r in runs[s]]} for s in runs}
     answers = {s: {r["answer"] for r in runs[s]} for s in runs}
-    rt, today = sides["runtime ort"], sides["torch onnx-int8"]
+    rt, today = sides["runtime int8"], sides["torch onnx-int8"]
     return {"student_dir": str(folder), "preset": args.preset, "rounds": args.rounds, "sides": sides,
             "runtime_cold_s": rt["cold_s"], "runtime_peak_rss_mb": rt["peak_rss_mb"],
             "runtime_steady_ms": rt["steady_ms"], "cli_runtime_cold_s": sides["cli runtime"]["cold_s"],

@@ -52,7 +52,7 @@ def assert_agree(got: dict, want: dict) -> None:
 def test_runtime_answers_as_the_torch_student(folder):
     out, records = folder
     runtime = StudentRuntime.load(out)
-    assert runtime.graphs == "ort" and runtime._runner is None  # auto: the ORT graphs; nothing opened yet
+    assert runtime.graphs == "int8" and runtime._runner is None  # auto: the int8 graphs; nothing opened yet
     reqs = all_requests(records)
     got = runtime.predict(reqs)
     want = StudentPredictor.load(out, backend="torch").predict(reqs)

@@ -141,7 +141,7 @@ def test_onnx_graphs_answer_like_torch_through_the_runtime_predict_and_the_pyfun
     image.write_bytes(requests[0]["image"])
     question = trained["records"][0].question
     assert predict_dir(folder, image, question, backend="torch")["answer"] == torch_out[0]["answer"]  # `distillery predict`
-    assert isinstance(predict_dir(folder, image, question)["answer"], str)  # auto: the runtime on the ORT graphs
+    assert isinstance(predict_dir(folder, image, question)["answer"], str)  # auto: the runtime on the int8 graphs
     served = StudentModel()
     served.load_context(SimpleNamespace(artifacts={"student": str(folder)}, model_config=None))
     assert isinstance(served.predictor, StudentRuntime)

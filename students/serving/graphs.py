@@ -9,8 +9,11 @@ module. Layout:
 * ``ort/vision-int8.ort``, ``ort/text-int8.ort``, ``ort/step.ort``: the int8 graphs in ONNX
   Runtime's ORT format, for ONNX Runtime Mobile (Android, iOS), with
   ``ort/required_operators.config`` (the operators a minimal ONNX Runtime build must keep). Any
-  ONNX Runtime runs them too, with the int8 graphs' outputs, and opens them ~3x faster (their
-  optimizations are already applied), so ``auto`` runs them first;
+  ONNX Runtime runs them too, with the int8 graphs' outputs, and opens them faster (their
+  optimizations are already applied: 0.30 vs 0.40 s to the demo student's first answer) but
+  holds more memory while opening them (a copy of the file's bytes beside the weights: 283 vs
+  233 MB peak for the 152k-vocabulary student of ``benchmarks/scale.py``), so ``auto`` runs the
+  int8 ``.onnx`` graphs first and the ORT ones where a folder has only those (a phone bundle);
 * ``meta.json``: output names, answer segments, the layout's ``format`` and the ``digest`` of the
   weights and config the graphs came from (a student whose files changed is never run from stale
   graphs; a folder shipped without ``model.safetensors``, e.g. to a phone, is taken as it is).
@@ -79,13 +82,13 @@ def has_ort(model_dir: str | Path, meta: dict[str, Any] | None) -> bool:
 
 def graph_files(model_dir: str | Path, meta: dict[str, Any], graphs: str = "auto") -> dict[str, Path]:
     """The vision, text and step graph files to run: ``int8``, ``float``, ``ort`` (the int8 graphs
-    in ORT format) or ``auto`` (ORT, else int8, else float: the first the folder has).
+    in ORT format) or ``auto`` (int8, else ORT, else float: the first the folder has).
     ValueError names what is missing."""
     root = Path(model_dir) / ONNX_DIR
     if graphs not in GRAPH_SETS:
         raise ValueError(f"graphs {graphs!r}: expected one of {', '.join(GRAPH_SETS)}")
     if graphs == "auto":
-        graphs = "ort" if has_ort(model_dir, meta) else "int8" if has_int8(model_dir, meta) else "float"
+        graphs = "int8" if has_int8(model_dir, meta) else "ort" if has_ort(model_dir, meta) else "float"
     if graphs == "ort":
         if not has_ort(model_dir, meta):
             raise ValueError(f"{root}: no ORT-format graphs (the export writes them with the int8 graphs)")
