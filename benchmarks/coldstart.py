@@ -179,7 +179,7 @@ def phone_bytes(folder: Path) -> dict[str, int]:
 
 
 def agreement(folder: Path, pairs: list[tuple[str, str]]) -> dict:
-    """How often the runtime's outputs equal the torch student's, on its default (int8, ORT)
+    """How often the runtime's outputs equal the torch student's, on its default (int8)
     graphs and on its float graphs: answers, detected labels (as multisets), the top document;
     where the labels agree, the largest difference of a box from the nearest torch box of its
     label (normalized). And how often the default equals the torch predictor on the same int8

@@ -15,7 +15,9 @@ what each path costs and how it trains from scratch, not what pretrained weights
   real weights: only the adapters and the heads learn);
 * ``cross-tokenizer``: today's student on its own byte-level BPE tokenizer (trained on the demo's
   text), the teacher's soft labels counted through the universal logit distillation loss;
-* with ``--backbone``: ``timm-backbone``: the vision side timm's mobilenetv3_small_100.
+* with ``--backbone``: ``timm-backbone``: the vision side timm's mobilenetv3_small_100;
+* with ``--variants today,relu-vision``: ``relu-vision``: today's student with ``vision_act:
+  relu`` (the int8-friendly activation ``benchmarks/scale.py``'s student uses).
 
 ``--smollm2-steps N``: also N steps of a student on SmolLM2-135M's real text-side shape (30
 blocks, width 576; slow on a CPU): its time per step only.
@@ -31,6 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import parser, workdir_of
+
+DEFAULT_VARIANTS = ("today", "llama-text", "llama-text-lora", "cross-tokenizer")
 
 
 def private_traces(src: Path, spec, dst: Path | None, n: int, world, split: str):
@@ -71,6 +75,9 @@ def student_variants(spec, tmp: Path, backbone: bool) -> dict[str, dict]:
     out = {"today": {}, "llama-text": {"text_base": base},
            "llama-text-lora": {"text_base": base, "lora_rank": 8, "lora_alpha": 16.0},
            "cross-tokenizer": {"tokenizer": str(bpe)}}
+    # (not in the default set: ``--variants today,relu-vision``) the conv encoder with ReLU, the
+    # int8-friendly activation benchmarks/scale.py's student uses: what it costs in agreement
+    out["relu-vision"] = {"vision_act": "relu"}
     if backbone:
         out["timm-backbone"] = {"vision_backbone": "timm/mobilenetv3_small_100",
                                 "vision_weights": write_timm_weights(tmp / "mnv3.safetensors")}
@@ -179,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="paired forward+backward timing rounds")
     ap.add_argument("--backbone", action="store_true", help="also a student on a timm backbone")
     ap.add_argument("--smollm2-steps", type=int, default=0, help="also time a SmolLM2-135M-shaped text side")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"students to train (default {','.join(DEFAULT_VARIANTS)}; also: relu-vision, and "
+                    "timm-backbone with --backbone)")
     args = ap.parse_args(argv)
     steps = args.steps or (30 if args.quick else 300)
     n_test = args.test_inputs or (32 if args.quick else 128)
@@ -196,7 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     try:
         tmp = tmp_root
-        for name, changes in student_variants(spec, tmp, args.backbone).items():
+        wanted = [v.strip() for v in args.variants.split(",")] + (["timm-backbone"] if args.backbone else [])
+        variants = student_variants(spec, tmp, args.backbone)
+        unknown = sorted(set(wanted) - set(variants))
+        if unknown or "today" not in wanted:
+            raise SystemExit(f"--variants {args.variants}: unknown {unknown} (known: {', '.join(variants)}); "
+                             "'today' is the baseline and must be one")
+        for name, changes in ((n, variants[n]) for n in wanted):
             print(f"[{name}] {steps} steps ...", flush=True)
             results[name] = run_variant(spec, changes, str(traces), tmp / "students" / name, steps, args.batch_size,
                                         test_records)

@@ -151,7 +151,7 @@ class BackboneEncoder(nn.Module):
     ``p16``, with ``need_p4`` also ``p4``) with the channels the heads expect."""
 
     def __init__(self, name: str, widths: tuple[int, int, int, int], need_p4: bool, weights: str | None = None,
-                 freeze: bool = False):
+                 freeze: bool = False, act: str = "silu"):
         super().__init__()
         source, arch = split_name(name)
         self.body = TimmFeatures(arch, weights) if source == "timm" else TorchvisionFeatures(arch, weights)
@@ -159,8 +159,8 @@ class BackboneEncoder(nn.Module):
         c4, c8, c16 = self.body.channels
         self.register_buffer("mean", torch.tensor(self.body.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.body.std).view(1, 3, 1, 1), persistent=False)
-        self.proj4 = conv_bn_act(c4, w1, 1) if need_p4 else None
-        self.proj8, self.proj16 = conv_bn_act(c8, w2, 1), conv_bn_act(c16, w3, 1)
+        self.proj4 = conv_bn_act(c4, w1, 1, act=act) if need_p4 else None
+        self.proj8, self.proj16 = conv_bn_act(c8, w2, 1, act=act), conv_bn_act(c16, w3, 1, act=act)
         self.lat16 = nn.Conv2d(w3, w2, 1)
         self.lat8 = nn.Conv2d(w2, w1, 1) if need_p4 else None
         self.frozen = freeze

@@ -14,9 +14,9 @@ from distillery.students.model.heads import conv_bn_act
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, act: str = "silu"):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_act(c, c), conv_bn_act(c, c))
+        self.body = nn.Sequential(conv_bn_act(c, c, act=act), conv_bn_act(c, c, act=act))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
@@ -26,13 +26,13 @@ class VisionEncoder(nn.Module):
     """Stem (stride 2) and three stages (strides 4, 8, 16); p8 and p4 get the coarser level added
     (FPN-style, Lin et al. 2017). ``need_p4``: only segmentation heads read stride 4."""
 
-    def __init__(self, widths: tuple[int, int, int, int], need_p4: bool):
+    def __init__(self, widths: tuple[int, int, int, int], need_p4: bool, act: str = "silu"):
         super().__init__()
         w0, w1, w2, w3 = widths
-        self.stem = conv_bn_act(3, w0, 3, 2)
-        self.s4 = nn.Sequential(conv_bn_act(w0, w1, 3, 2), ResBlock(w1))
-        self.s8 = nn.Sequential(conv_bn_act(w1, w2, 3, 2), ResBlock(w2))
-        self.s16 = nn.Sequential(conv_bn_act(w2, w3, 3, 2), ResBlock(w3))
+        self.stem = conv_bn_act(3, w0, 3, 2, act)
+        self.s4 = nn.Sequential(conv_bn_act(w0, w1, 3, 2, act), ResBlock(w1, act))
+        self.s8 = nn.Sequential(conv_bn_act(w1, w2, 3, 2, act), ResBlock(w2, act))
+        self.s16 = nn.Sequential(conv_bn_act(w2, w3, 3, 2, act), ResBlock(w3, act))
         self.lat16 = nn.Conv2d(w3, w2, 1)
         self.lat8 = nn.Conv2d(w2, w1, 1) if need_p4 else None
 
@@ -51,8 +51,9 @@ def build_vision(cfg: StudentConfig, need_p4: bool, load_weights: bool = True) -
     """The built-in encoder, or ``cfg.vision_backbone`` with ``cfg.vision_weights`` (read only when
     ``load_weights``: a saved student's own weights replace them anyway)."""
     if cfg.vision_backbone is None:
-        return VisionEncoder(cfg.vision_widths, need_p4)
+        return VisionEncoder(cfg.vision_widths, need_p4, cfg.vision_act)
     from distillery.students.model.backbones import BackboneEncoder
 
     weights = cfg.vision_weights if load_weights else None
-    return BackboneEncoder(cfg.vision_backbone, cfg.vision_widths, need_p4, weights, cfg.freeze_vision_backbone)
+    return BackboneEncoder(cfg.vision_backbone, cfg.vision_widths, need_p4, weights, cfg.freeze_vision_backbone,
+                           cfg.vision_act)

@@ -176,8 +176,12 @@ def mean_embed(embed: nn.Embedding, ids: Tensor) -> Tensor:
     return (embed(ids.clamp(min=0)) * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
-def conv_bn_act(c1: int, c2: int, k: int = 3, s: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU(inplace=True))
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def conv_bn_act(c1: int, c2: int, k: int = 3, s: int = 1, act: str = "silu") -> nn.Sequential:
+    """Conv, batch norm, activation (``StudentConfig.vision_act``)."""
+    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), ACTIVATIONS[act](inplace=True))
 
 
 def pad(seqs: Sequence[Tensor], value, dtype=None) -> Tensor:

@@ -90,13 +90,14 @@ class DetectionHead(Head):
         super().__init__(name, node, cfg)
         c4, c8, w = cfg.vision_widths[1], cfg.vision_widths[2], cfg.det_width
         self.num_classes, self.segment = int(node["num_classes"]), node.get("task") == "segment"
-        self.tower = nn.Sequential(conv_bn_act(c8, w), conv_bn_act(w, w))
+        act = cfg.vision_act
+        self.tower = nn.Sequential(conv_bn_act(c8, w, act=act), conv_bn_act(w, w, act=act))
         self.cls = nn.Conv2d(w, self.num_classes, 1)
         self.box = nn.Conv2d(w, 4, 1)
         nn.init.constant_(self.cls.bias, -4.6)  # prior 0.01 (RetinaNet)
         if self.segment:
             self.coef = nn.Conv2d(w, cfg.num_prototypes, 1)
-            self.proto = nn.Sequential(conv_bn_act(c4, c4), nn.Conv2d(c4, cfg.num_prototypes, 1))
+            self.proto = nn.Sequential(conv_bn_act(c4, c4, act=act), nn.Conv2d(c4, cfg.num_prototypes, 1))
         # teacher node's large_area: the slots (or summary) also carry how many objects per class
         # have a mask that covers at least this fraction of the image
         self.large_area = node.get("large_area") if self.segment else None
@@ -146,11 +147,15 @@ class DetectionHead(Head):
         scores, classes = (probs * peaks).max(-1)
         return scores, classes, probs
 
-    def counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+    def counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None,
+               peaks: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None) -> Tensor:
         """Detections per class (B, C): the teacher's where the batch has them (training), else
-        the head's own (peaks above the confidence threshold)."""
+        the head's own (peaks above the confidence threshold). ``peaks``: ``peak_scores`` of
+        ``out["cls"]``, computed once for this and ``large_counts``."""
+        peaks = peaks or (lambda: self.peak_scores(out["cls"]))
+
         def own() -> Tensor:
-            scores, classes, _ = self.peak_scores(out["cls"])
+            scores, classes, _ = peaks()
             return self._per_class(classes, (scores > self.thresholds()[0]).float())
 
         with torch.no_grad():
@@ -186,13 +191,16 @@ class DetectionHead(Head):
         inside = (px >= b[:, :, 0]) & (px <= b[:, :, 2]) & (py >= b[:, :, 1]) & (py <= b[:, :, 3])  # (B, P, K)
         return ((logits > 0) & inside).float().mean(-1)
 
-    def large_counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None) -> Tensor:
+    def large_counts(self, out: dict[str, Tensor], target: dict[str, Tensor] | None,
+                     peaks: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None) -> Tensor:
         """Large objects per class (B, C) (mask area >= ``large_area``): the teacher's masks' in
         training, the head's own at inference: among its ``max_det`` strongest peaks (as the
         teacher keeps at most max_det boxes), those above the threshold with a mask that large
         (masks for those peaks only: a fraction of the work of every location's)."""
+        peaks = peaks or (lambda: self.peak_scores(out["cls"]))
+
         def own() -> Tensor:
-            scores, classes, _ = self.peak_scores(out["cls"])
+            scores, classes, _ = peaks()
             conf, _, max_det = self.thresholds()
             scores, idx = scores.topk(min(max_det, scores.shape[1]), dim=1)  # (B, N) strongest peaks
             kept = scores > conf
@@ -217,8 +225,15 @@ class DetectionHead(Head):
         mode = self.cfg.detection_summary
         if mode == "none":
             return None
-        counts = self.counts(out, target).round()  # (B, C)
-        large = self.large_counts(out, target).round() if self.large_area is not None else None  # (B, C)
+        memo: list = []  # the peaks once for both counts (one max-pool over the class maps, not two)
+
+        def peaks() -> tuple[Tensor, Tensor, Tensor]:
+            if not memo:
+                memo.append(self.peak_scores(out["cls"]))
+            return memo[0]
+
+        counts = self.counts(out, target, peaks).round()  # (B, C)
+        large = self.large_counts(out, target, peaks).round() if self.large_area is not None else None  # (B, C)
         if mode == "slots":
             slots = self.slots(counts, tokenizer, embed, large)  # (B, C or 2C, d)
             return slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=counts.device)
