@@ -195,3 +195,40 @@ def test_breakdown_times_the_onnx_students_graphs_inside_its_run(folder):
     serial = s["prepare: decode, resize, tokenize"] + s["vision graph"] + max(
         s["text graph (beside the detection post)"], s["detection post (beside the text graph)"])
     assert serial <= res["request_ms"] * 1.05
+
+
+def test_relu_students_int8_vision_graph_folds_relu_and_reads_the_image_bytes(tmp_path):
+    """``vision_act: relu``: the int8 vision graph has no float activation left (each ReLU folded
+    into its convolution) and no cast / divide / quantize of the image (the bytes go straight into
+    the first convolution at scale 1/255); its outputs stay within int8 rounding of the float
+    graph's, and the runtime answers from it."""
+    import io
+
+    import numpy as np
+    import onnx as onnx_lib
+    import onnxruntime as ort
+    from PIL import Image
+
+    from distillery.students.serving.runtime import StudentRuntime
+
+    torch.manual_seed(0)
+    spec = load_spec(write_graph(tmp_path / "graph"))
+    records = make_records()
+    model = MultimodalStudent(tiny_config(vision_act="relu"), build_schema(spec, records))
+    assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    out = model.save_pretrained(tmp_path / "student")
+    onnx.export_onnx(out, calibration=requests_of(records))
+    meta = json.loads((out / "onnx" / "meta.json").read_text())
+    assert meta["int8"]["vision"]["uint8_input"] is True
+    graph = onnx_lib.load(str(out / "onnx" / "vision-int8.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Relu" not in ops and "Cast" not in ops and "Div" not in ops and ops.count("QLinearConv") >= 10
+    assert [n for n in graph.node if "images" in n.input][0].op_type == "QLinearConv"
+    images = np.stack([np.asarray(Image.open(io.BytesIO(r.image_bytes)).convert("RGB").resize((64, 64)))
+                       .transpose(2, 0, 1) for r in records])
+    f32 = ort.InferenceSession(str(out / "onnx" / "vision.onnx")).run(None, {"images": images})
+    i8 = ort.InferenceSession(str(out / "onnx" / "vision-int8.onnx")).run(None, {"images": images})
+    for a, b in zip(f32, i8):
+        assert np.abs(a - b).max() <= 0.1 * np.abs(a).max() + 1e-3
+    assert isinstance(StudentRuntime.load(out).predict(requests_of(records[:1]))[0]["answer"], str)
