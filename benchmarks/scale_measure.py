@@ -88,12 +88,33 @@ def student_side(name: str, folder: Path, device: str, backend: str, b1_requests
     return Side(f"{name} ({p.backend})", run, count_parameters([p.model])[0], p.backend, b1_requests, _sync(device))
 
 
+def runtime_side(name: str, folder: Path, b1_requests: int) -> Side:
+    """The student on the torch-free runtime (``StudentRuntime``, its default int8 graphs): what
+    ``distillery predict`` and the MLflow model run where the folder has current graphs."""
+    from distillery.students.serving.folder import student_dir
+    from distillery.students.serving.runtime import StudentRuntime
+
+    rt = StudentRuntime.load(student_dir(folder))
+    run = lambda batch: rt.predict([{"image": img, "question": q} for img, q in batch])
+    return Side(f"{name} (runtime {rt.graphs})", run, 0, f"runtime {rt.graphs}", b1_requests)
+
+
 def student_sides(name: str, folder: Path, device: str, b1_requests: int, probe: list,
                   log: Callable[[str], None] = print) -> list[Side]:
-    """The student as the product deploys it (predictor backend ``auto``: ONNX Runtime where
-    exported), then on torch too; when the auto backend fails on ``probe``, torch alone (logged)."""
+    """The student as the product deploys it (the torch-free runtime where the folder has its
+    graphs, else the predictor's ``auto`` backend), then on torch too; when that fails on
+    ``probe``, torch alone (logged)."""
+    from distillery.students.serving.folder import student_dir
+    from distillery.students.serving.graphs import runtime_ready
+
     torch_side = lambda: student_side(name, folder, device, "torch", b1_requests)
     try:
+        if device == "cpu" and runtime_ready(student_dir(folder)):
+            auto = runtime_side(name, folder, b1_requests)
+            auto.run(probe)
+            on_torch = torch_side()
+            auto.parameters = on_torch.parameters  # (the same weights, counted on the torch student)
+            return [auto, on_torch]
         auto = student_side(name, folder, device, "auto", b1_requests)
         auto.run(probe)
     except Exception as e:  # noqa: BLE001  (any failure of the deployed path: torch is measured instead)

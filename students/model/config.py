@@ -30,7 +30,7 @@ class StudentConfig(BaseModel):
         "silu", description="The conv layers' activation. 'relu' is the quantization-friendly choice "
         "(as EfficientNet-Lite and MobileNet replaced swish for int8): int8 folds it into each "
         "convolution, where SiLU runs in float between a dequantize and a quantize; measured in "
-        "benchmarks/scale.py: the 640-px vision graph 2.2x cheaper at batch 16.")
+        "benchmarks/scale.py's student: its 640-px int8 vision graph about half the cost.")
     image_grid: int = Field(4, ge=1, description="Image tokens per side: the stride-16 features are "
                             "average-pooled to image_grid x image_grid tokens for the text decoder.")
     channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
