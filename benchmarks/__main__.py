@@ -192,12 +192,17 @@ def blackbox_lines(res: dict | None) -> list[str]:
                  f"(`python -m benchmarks.blackbox`, {res.get('ran', '')})", "",
              "| student distilled from | answer agreement with its teacher (test split) | retained accuracy | "
              "soft labels in the train traces |", "|---|---|---|---|",
-             f"| in-process `llm` node (white box, top-k) | {agree.get('white_box')} | | 1.0 |"]
+             f"| in-process `llm` node (white box, top-k) | {_r(agree.get('white_box'))} | | 1.0 |"]
     for mode, what in (("topk", "`openai` node, top-20 log-probs served"), ("text", "`openai` node, text only")):
         m = res.get(mode) or {}
-        lines.append(f"| {what} | {m.get('answer_agreement')} | {m.get('answer_retained')} | "
+        lines.append(f"| {what} | {_r(m.get('answer_agreement'))} | {_r(m.get('answer_retained'))} | "
                      f"{m.get('soft_label_share')} |")
     return lines
+
+
+def _r(value, digits: int = 4):
+    """A figure for a table cell: floats rounded, anything else as it is."""
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def pretrained_lines(res: dict | None) -> list[str]:
@@ -243,9 +248,9 @@ def onpolicy_lines(res: dict | None) -> list[str]:
     for split, label in (("test", "test split"), (seed, f"fresh world (seed {res.get('fresh_seed')})")):
         a, b = res["offline"].get(split, {}), res["on_policy"].get(split, {})
         for key in ("answer_agreement", "answer_accuracy", "answer_retained", "detection_map50_vs_teacher"):
-            lines.append(f"| {label} | {key} | {a.get(key)} | {b.get(key)} |")
+            lines.append(f"| {label} | {key} | {_r(a.get(key))} | {_r(b.get(key))} |")
         for t, v in (b.get("agreement_by_type") or {}).items():
-            lines.append(f"| {label} | agreement: {t} | {(a.get('agreement_by_type') or {}).get(t)} | {v} |")
+            lines.append(f"| {label} | agreement: {t} | {_r((a.get('agreement_by_type') or {}).get(t))} | {_r(v)} |")
     return lines
 
 
