@@ -53,3 +53,23 @@ def test_the_long_benchmarks_get_their_own_sections():
     assert "| in-process `llm` node (white box, top-k) | 0.927 |" in text
     assert "| `openai` node, top-20 log-probs served | 0.91 | 0.95 | 1.0 |" in text
     assert "| `openai` node, text only | 0.88 | 0.93 | 0.0 |" in text
+
+
+def test_the_pretrained_and_on_policy_runs_get_their_tables():
+    agreement = {"detector": {"map50": 0.9243}, "retriever": {"top1": 1.0}, "reasoner": {"answer_em": 0.78125}}
+    results = {
+        "pretrained": {"today": {"s_per_step": 0.8, "steps": 300, "params": 1000, "trainable": 1000, "s_fwd_bwd": 0.4,
+                                 "agreement": agreement},
+                       "llama-text": {"s_per_step": 1.2, "steps": 300, "params": 900, "trainable": 300, "s_fwd_bwd": 0.5,
+                                      "agreement": agreement}, "ran": "2026-12-06 12:38 UTC, abc"},
+        "onpolicy": {"fresh_seed": 7, "on_policy_config": {"rounds": 4}, "teacher_calls": 10, "teacher_seconds": 1.5,
+                     "offline": {"train_seconds": 9, "test": {"answer_agreement": 0.93833333, "agreement_by_type": {"sum": 0.9}},
+                                 "seed7": {"answer_agreement": 0.925}},
+                     "on_policy": {"train_seconds": 9, "test": {"answer_agreement": 0.9316, "agreement_by_type": {"sum": 0.8}},
+                                   "seed7": {"answer_agreement": 0.908}}}}
+    text = render(results, quick=False)
+    assert "| today | 1,000 | 1,000 | 800 | 1.00 | 400 | 1.00 | map50 0.924 | top1 1.000 | answer_em 0.781 |" in text
+    assert "| llama-text | 900 | 300 | 1200 | 1.50 | 500 | 1.25 |" in text
+    assert "| test split | answer_agreement | 0.9383 | 0.9316 |" in text
+    assert "| test split | agreement: sum | 0.9 | 0.8 |" in text
+    assert "| fresh world (seed 7) | answer_agreement | 0.925 | 0.908 |" in text
