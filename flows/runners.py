@@ -104,6 +104,8 @@ def run_shard_on_worker(shard: int, work: ShardWork) -> list[TeacherRecord]:
     graph = worker_graph(work.teachers, work.fingerprint)
     with _graph_lock(work.fingerprint):
         records = run_shard(graph, work.requests)
+    for rec in records:  # the flow has these bytes already: ~16 MB a shard less to send back
+        rec.image_bytes = b""
     get_run_logger().info("shard %d: %d records in %.2f s on worker pid %d", shard, len(records),
                           time.perf_counter() - t0, os.getpid())
     return records
@@ -126,7 +128,13 @@ def dask_shard_runner(runner, teachers: Mapping[str, NodeConfig], retries: int, 
         work = ShardWork(teachers, graph.fingerprint, requests)
         # The future is dropped once read: a worker that dies later holds no result Dask would
         # have to compute again.
-        return runner.submit(shard_task, {"shard": shard_no, "work": work}).result()
+        records = runner.submit(shard_task, {"shard": shard_no, "work": work}).result()
+        for rec, req in zip(records, requests, strict=True):  # the bytes the worker left out (see below)
+            if rec.input_id != req.input_id:
+                raise RuntimeError(f"shard {shard_no}: the worker returned {rec.input_id!r} where "
+                                   f"{req.input_id!r} was asked")
+            rec.image_bytes = req.image_bytes
+        return records
 
     return remote
 
@@ -156,8 +164,16 @@ def environ_kept() -> Iterator[None]:
 # the clusters the flow starts; an existing cluster's workers need the same (compose's dask profile
 # sets it). And no statistical profiler: every 10 ms it walks the task thread's stack under the GIL
 # (for the dashboard's profile page), while the nodes' Python (tokenizing, NMS, decoding) needs it.
+# The event loop's tick (20 ms: a warning when the loop was blocked), the memory monitor (100 ms)
+# and the system monitor (500 ms) wake every worker, and the flow's process (which holds the
+# LocalCluster's scheduler and nannies), far more often than a recording worker needs: each wake
+# takes a core from a worker whose torch threads use both (benchmarks/dask_record.py, 256 inputs:
+# 1 worker / local runner went from 1.16-1.17x to 1.02-1.03x).
 WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                      "distributed.worker.profile.enabled": False}
+                      "distributed.worker.profile.enabled": False,
+                      "distributed.admin.tick.interval": "1s",
+                      "distributed.worker.memory.monitor-interval": "1s",
+                      "distributed.admin.system-monitor.interval": "2s"}
 
 
 @contextmanager

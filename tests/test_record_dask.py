@@ -120,13 +120,15 @@ def test_cli_records_on_a_local_cluster_it_starts_and_stops(tiny_demo, tmp_path)
 
     spec = load_spec(tiny_demo["spec_path"])
     record(spec, str(inputs), str(tmp_path / "local.lance"))
-    on_dask = {r.input_id: r for r in TraceStore(traces).read(with_images=False)}
-    here = {r.input_id: r for r in TraceStore(tmp_path / "local.lance").read(with_images=False)}
+    on_dask = {r.input_id: r for r in TraceStore(traces).read()}
+    here = {r.input_id: r for r in TraceStore(tmp_path / "local.lance").read()}
     assert on_dask.keys() == here.keys()
     for key, rec in here.items():
         assert on_dask[key].outputs["reasoner"]["text"] == rec.outputs["reasoner"]["text"]
         assert on_dask[key].outputs["detector"]["summary"] == rec.outputs["detector"]["summary"]
         assert list(on_dask[key].outputs["retriever"]["ids"]) == list(rec.outputs["retriever"]["ids"])
+        # the worker sends no image bytes back; the flow stores the ones it read (training needs them)
+        assert on_dask[key].image_bytes == rec.image_bytes and len(rec.image_bytes) > 0
 
 
 def test_the_runner_is_a_typed_choice_of_the_spec_and_its_form():
@@ -190,14 +192,15 @@ def test_shards_in_flight_run_in_the_callers_context_and_an_error_stops_new_ones
 
 def test_the_workers_keep_glibc_malloc_and_run_no_profiler():
     """Dask's default MALLOC_TRIM_THRESHOLD_ made the teacher's torch work ~1.4x slower on a worker:
-    the clusters the flow starts (worker_settings) and the compose workers (docker/dask) unset it."""
+    the clusters the flow starts (worker_settings) and the compose workers (docker/dask) unset it,
+    and both wake their workers less often (tick, memory and system monitors)."""
     import copy
 
     import dask
     import yaml
     from distributed.nanny import _get_env_variables
 
-    from distillery.flows.runners import worker_settings
+    from distillery.flows.runners import WORKER_DASK_CONFIG, worker_settings
 
     assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536  # Dask's default
     with worker_settings():
@@ -213,3 +216,5 @@ def test_the_workers_keep_glibc_malloc_and_run_no_profiler():
     assert merged["distributed"]["nanny"]["pre-spawn-environ"]["MALLOC_TRIM_THRESHOLD_"] is None
     assert merged["distributed"]["nanny"]["pre-spawn-environ"]["OMP_NUM_THREADS"] == 1  # the rest kept
     assert merged["distributed"]["worker"]["profile"]["enabled"] is False
+    for key, value in WORKER_DASK_CONFIG.items():  # compose's workers get what the flow's LocalClusters get
+        assert dask.config.get(key, config=merged) == value, key
