@@ -82,8 +82,9 @@ MODULES = ["demo", "record", "student", "fidelity", "coldstart", "serve_http", "
 # black-box demo's two extra recordings and trainings (~45 min cold), students from pretrained
 # parts (~20 min) and offline vs on-policy training (~40 min); their figures are kept from the
 # results file when other benchmarks run.
-ON_REQUEST = ["scale", "blackbox", "pretrained", "onpolicy"]
-SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http", "blackbox", "pretrained", "onpolicy"}
+ON_REQUEST = ["scale", "blackbox", "pretrained", "onpolicy", "onpolicy_data", "vision_encoder"]
+SHARES_WORKDIR = {"demo", "student", "fidelity", "coldstart", "serve_http", "blackbox", "pretrained", "onpolicy",
+                  "onpolicy_data"}
 HERE = Path(__file__).parent
 
 
@@ -144,6 +145,8 @@ def render(results: dict[str, dict], quick: bool) -> str:
     lines += blackbox_lines(results.get("blackbox"))
     lines += pretrained_lines(results.get("pretrained"))
     lines += onpolicy_lines(results.get("onpolicy"))
+    lines += onpolicy_lines(results.get("onpolicy_data"), "onpolicy_data")
+    lines += vision_lines(results.get("vision_encoder"))
     faults = results.get("reliability", {}).get("remote_teacher_faults")
     if faults:
         lines += ["", "## Reliability: a remote teacher's faults", "",
@@ -233,13 +236,13 @@ def pretrained_lines(res: dict | None) -> list[str]:
     return lines
 
 
-def onpolicy_lines(res: dict | None) -> list[str]:
+def onpolicy_lines(res: dict | None, module: str = "onpolicy") -> list[str]:
     """Offline only vs offline + on-policy at one wall-clock budget (``benchmarks.onpolicy``)."""
     if not res or "offline" not in res:
         return []
     seed = f"seed{res.get('fresh_seed')}"
-    lines = ["", f"## On-policy distillation: offline only vs offline + on-policy, one wall-clock budget "
-                 f"(`python -m benchmarks.onpolicy`, {res.get('ran', '')})", "",
+    lines = ["", f"## On-policy distillation: offline only vs offline + on-policy, one wall-clock budget, "
+                 f"{res.get('train_images', 800)} train images (`python -m benchmarks.{module}`, {res.get('ran', '')})", "",
              f"On-policy rounds: {res.get('on_policy_config')}; teacher calls {res.get('teacher_calls')} "
              f"({res.get('teacher_seconds')} s). Train seconds: offline {res['offline'].get('train_seconds')}, "
              f"offline + on-policy {res['on_policy'].get('train_seconds')}. Goals: answer agreement >= 0.95 on both "
@@ -251,6 +254,20 @@ def onpolicy_lines(res: dict | None) -> list[str]:
             lines.append(f"| {label} | {key} | {_r(a.get(key))} | {_r(b.get(key))} |")
         for t, v in (b.get("agreement_by_type") or {}).items():
             lines.append(f"| {label} | agreement: {t} | {_r((a.get('agreement_by_type') or {}).get(t))} | {_r(v)} |")
+    return lines
+
+
+def vision_lines(res: dict | None) -> list[str]:
+    """The int8 vision encoder, today's blocks vs depthwise-separable (``benchmarks.vision_encoder``)."""
+    if not res or "today" not in res:
+        return []
+    lines = ["", f"## The int8 vision encoder at {res.get('size')} px, batch {res.get('batch')}, one thread "
+                 f"(`python -m benchmarks.vision_encoder`, {res.get('ran', '')})", "",
+             "| encoder | params | ms a request | costliest nodes (ms a request) |", "|---|---|---|---|"]
+    for name in ("today", "depthwise"):
+        r = res.get(name, {})
+        nodes = "; ".join(f"{k} {v}" for k, v in r.get("top_nodes_ms", {}).items())
+        lines.append(f"| {name} | {r.get('params', 0):,} | {r.get('ms_per_request')} | {nodes} |")
     return lines
 
 

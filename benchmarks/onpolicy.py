@@ -10,6 +10,7 @@ mAP50 vs the teacher.
 
     python -m benchmarks.onpolicy --quick                       # tiny preset, a plumbing check
     python -m benchmarks.onpolicy --preset full --rounds 4 --samples 512 --steps 60 --lambda 0.5
+    python -m benchmarks.onpolicy --train-images 1600           # twice the transfer set, same teachers
 """
 
 from __future__ import annotations
@@ -54,6 +55,23 @@ def train_arm(spec, traces: Path, out: Path) -> tuple[Path, dict, float, float]:
     return result.out_dir, result.metrics, time.perf_counter() - t0, per_step
 
 
+def more_train_data(world, spec, traces: Path, n_images: int, workdir: Path) -> Path:
+    """A trace store with the train split of the same world drawn with ``n_images`` train images:
+    the demo's records copied (not recorded again), the new scenes recorded by the same graph."""
+    import shutil
+
+    from distillery.demo.fidelity import record_split
+    from distillery.demo.world import build_world
+
+    bigger = build_world(world.config.model_copy(update={"n_train": n_images}), workdir / f"world-train{n_images}")
+    out = workdir / f"traces-train{n_images}.lance"
+    if not out.exists():
+        shutil.copytree(traces, out.with_suffix(".tmp"), dirs_exist_ok=True)
+        out.with_suffix(".tmp").rename(out)
+    record_split(spec, bigger, "train", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny preset, 12 epochs, small rounds (minutes)")
@@ -64,6 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lambda", dest="lmbda", type=float, default=0.5, help="share of on-policy steps")
     ap.add_argument("--kind", choices=["forward", "reverse", "jsd"], default="jsd")
     ap.add_argument("--epochs", type=int, default=None, help="offline epochs of arm B (default: the preset's)")
+    ap.add_argument("--train-images", type=int, default=None, help=(
+        "train on the first N train images of the same world (default: the preset's 800): each scene is "
+        "seeded by its index, so the first 800 are the demo's and the test and val splits do not change; "
+        "the same teachers label the rest (a bigger transfer set)"))
     args = ap.parse_args(argv)
     if args.quick:
         args.preset = "tiny"
@@ -76,12 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
     world, spec = demo_setup(workdir, args.preset)
     traces = workdir / "traces-train.lance"
     record_split(spec, world, "train", traces)
+    if args.train_images and args.train_images != world.config.n_train:
+        traces = more_train_data(world, spec, traces, args.train_images, workdir)
     quick = args.quick
     op = {"enabled": True, "rounds": args.rounds or (2 if quick else 4), "samples_per_round":
           args.samples or (32 if quick else 512), "steps_per_round": args.steps or (4 if quick else 60),
           "gkd_lambda": args.lmbda, "kind": args.kind, "lr": spec.training.lr * 0.1}
     epochs = args.epochs or (12 if quick else spec.training.epochs)  # tiny's 1 epoch: a student that says nothing
-    bench = workdir / "bench-onpolicy"
+    bench = workdir / ("bench-onpolicy" if not args.train_images else f"bench-onpolicy-train{args.train_images}")
     spec_b = with_training(spec, epochs=epochs, on_policy=op, onnx_export=False, agreement_every=0)
     print(f"arm B: {epochs} offline epoch(s) + on-policy {op}", flush=True)
     dir_b, metrics_b, seconds_b, per_step = train_arm(spec_b, traces, bench / "onpolicy")
@@ -96,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"arm A: offline only, {steps_a} steps (B: {offline_steps} offline steps at {per_step:.2f} s/step + "
           f"on-policy {onp.get('seconds', 0.0):.0f} s)", flush=True)
     dir_a, metrics_a, seconds_a, _ = train_arm(spec_a, traces, bench / "offline")
-    out = {"preset": args.preset, "fresh_seed": args.seed, "on_policy_config": op,
+    out = {"preset": args.preset, "fresh_seed": args.seed, "train_images": args.train_images or world.config.n_train,
+           "on_policy_config": op,
            "teacher_calls": onp.get("teacher_calls"), "teacher_seconds": onp.get("teacher_seconds"),
            "on_policy_summary": {k: v for k, v in onp.items() if k != "per_round"}}
     out["steps"] = {"offline": steps_a, "on_policy": offline_steps + onp.get("steps", 0)}

@@ -176,6 +176,9 @@ WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD
                       "distributed.admin.system-monitor.interval": "2s"}
 
 
+LARGE_SHARD = {"distributed.admin.large-graph-warning-threshold": "1GB"}
+
+
 @contextmanager
 def worker_settings() -> Iterator[None]:
     """Dask's config for the LocalCluster workers started inside this block (``WORKER_DASK_CONFIG``)."""
@@ -208,6 +211,8 @@ def dask_runner(cfg: RecordConfig) -> Iterator[tuple[Any, int]]:
     """A started ``DaskTaskRunner`` for ``cfg`` and how many shards to keep in flight (twice the
     cluster's task threads: each worker has the next shard waiting). Its LocalCluster, if it
     started one, is closed on the way out."""
+    import dask
+
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -217,6 +222,8 @@ def dask_runner(cfg: RecordConfig) -> Iterator[tuple[Any, int]]:
         runner = DaskTaskRunner(address=cfg.dask_address)
     else:
         runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(cfg))
-    with environ_kept(), worker_settings(), runner:
+    # A shard's task carries its images (so workers need no shared filesystem): ~16 MB for the
+    # demo's 128; Dask's 10-MB "Sending large graph" warning would fire for every shard.
+    with environ_kept(), worker_settings(), dask.config.set(LARGE_SHARD), runner:
         threads = sum(runner.client.nthreads().values())
         yield runner, max(2, 2 * threads)

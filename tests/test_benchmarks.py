@@ -73,3 +73,20 @@ def test_the_pretrained_and_on_policy_runs_get_their_tables():
     assert "| test split | answer_agreement | 0.9383 | 0.9316 |" in text
     assert "| test split | agreement: sum | 0.9 | 0.8 |" in text
     assert "| fresh world (seed 7) | answer_agreement | 0.925 | 0.908 |" in text
+    assert "800 train images (`python -m benchmarks.onpolicy`" in text
+    more = {**results["onpolicy"], "train_images": 1600}
+    text = render({"onpolicy_data": more}, quick=False)
+    assert "1600 train images (`python -m benchmarks.onpolicy_data`" in text
+    assert "| test split | answer_agreement | 0.9383 | 0.9316 |" in text
+
+
+def test_the_vision_encoder_benchmark_runs_and_renders():
+    """Its smallest setting (64 px): both encoders exported, quantized, timed and profiled."""
+    from benchmarks import vision_encoder
+
+    res = vision_encoder.main(["--preset", "tiny"])
+    assert res["today"]["ms_per_request"] > 0 and res["depthwise"]["ms_per_request"] > 0
+    assert res["depthwise"]["params"] < res["today"]["params"]  # the depthwise blocks are the smaller ones
+    assert "QLinearConv" in res["today"]["op_share"]  # the convolutions did run in int8
+    text = render({"vision_encoder": res}, quick=False)
+    assert "## The int8 vision encoder at 64 px" in text and "| depthwise |" in text
