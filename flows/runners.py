@@ -129,7 +129,7 @@ def dask_shard_runner(runner, teachers: Mapping[str, NodeConfig], retries: int, 
         # The future is dropped once read: a worker that dies later holds no result Dask would
         # have to compute again.
         records = runner.submit(shard_task, {"shard": shard_no, "work": work}).result()
-        for rec, req in zip(records, requests, strict=True):  # the bytes the worker left out (see below)
+        for rec, req in zip(records, requests, strict=True):  # the bytes run_shard_on_worker left out
             if rec.input_id != req.input_id:
                 raise RuntimeError(f"shard {shard_no}: the worker returned {rec.input_id!r} where "
                                    f"{req.input_id!r} was asked")
