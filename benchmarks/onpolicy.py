@@ -65,9 +65,11 @@ def more_train_data(world, spec, traces: Path, n_images: int, workdir: Path) -> 
 
     bigger = build_world(world.config.model_copy(update={"n_train": n_images}), workdir / f"world-train{n_images}")
     out = workdir / f"traces-train{n_images}.lance"
-    if not out.exists():
-        shutil.copytree(traces, out.with_suffix(".tmp"), dirs_exist_ok=True)
-        out.with_suffix(".tmp").rename(out)
+    if not out.exists():  # copied whole, then moved: a killed copy leaves no half store behind
+        tmp = out.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(traces, tmp)
+        tmp.rename(out)
     record_split(spec, bigger, "train", out)
     return out
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     world, spec = demo_setup(workdir, args.preset)
     traces = workdir / "traces-train.lance"
     record_split(spec, world, "train", traces)
+    if args.train_images is not None and args.train_images < world.config.n_train:
+        ap.error(f"--train-images {args.train_images}: at least the world's {world.config.n_train} train images")
     if args.train_images and args.train_images != world.config.n_train:
         traces = more_train_data(world, spec, traces, args.train_images, workdir)
     quick = args.quick

@@ -41,7 +41,7 @@ def encoders(widths: tuple[int, ...]):
         def forward(self, x):
             return x + self.body(x)
 
-    class Pixels(nn.Module):  # uint8-range pixels in, the three pyramid levels out
+    class Pixels(nn.Module):  # the three pyramid levels out
         def __init__(self, enc):
             super().__init__()
             self.enc = enc
