@@ -91,6 +91,28 @@ def wait_for_state(page, state: str, timeout: float) -> None:
     pytest.fail(f"flow run not {state} after {timeout:.0f} s: {page.url}")
 
 
+def submit_form(page, tries: int = 2) -> None:
+    """Click the custom-run form's Submit and check what the server said of the parameters.
+
+    The form first posts its values to the server (``/ui/schemas/validate``), then, if they are
+    valid, creates the run. A click the page dropped (no validation request within 60 s, as seen
+    once on a loaded CI machine) is clicked again, once; parameters the server rejects fail the
+    test with the server's errors."""
+    for attempt in range(1, tries + 1):
+        try:
+            with page.expect_request(lambda r: "/ui/schemas/validate" in r.url, timeout=60_000) as sent:
+                page.get_by_role("button", name="Submit").click()
+        except Exception:  # playwright's TimeoutError: the click sent nothing
+            if attempt == tries:
+                pytest.fail(f"Submit sent no validation request in {tries} clicks: {page.url}")
+            continue
+        answer = sent.value.response()
+        assert answer is not None and answer.ok, f"/ui/schemas/validate answered {answer and answer.status}"
+        verdict = answer.json()
+        assert verdict.get("valid"), f"the server rejected the form's parameters: {verdict.get('errors')}"
+        return
+
+
 def test_custom_run_from_the_form_completes_with_artifacts_and_mlflow_link(page, served, tmp_path):
     from playwright.sync_api import expect
 
@@ -112,10 +134,9 @@ def test_custom_run_from_the_form_completes_with_artifacts_and_mlflow_link(page,
     save_shot(page, tmp_path, "prefect-custom-run-form", keep=True, full_page=False)  # the nodes' fields
     manual_id = served["deployments"]["manual"]["id"]
     before = {r["id"] for r in runs_of(ui, manual_id)}
-    page.get_by_role("button", name="Submit").click()
-
-    try:  # the form validates the parameters on the server first, then creates the run
-        created = wait_until(lambda: [r for r in runs_of(ui, manual_id) if r["id"] not in before], 180,
+    try:
+        submit_form(page)
+        created = wait_until(lambda: [r for r in runs_of(ui, manual_id) if r["id"] not in before], 120,
                              "the flow run submitted from the form")
     finally:
         save_shot(page, tmp_path, "prefect-after-submit")
