@@ -254,7 +254,17 @@ def onpolicy_lines(res: dict | None, module: str = "onpolicy") -> list[str]:
             lines.append(f"| {label} | {key} | {_r(a.get(key))} | {_r(b.get(key))} |")
         for t, v in (b.get("agreement_by_type") or {}).items():
             lines.append(f"| {label} | agreement: {t} | {_r((a.get('agreement_by_type') or {}).get(t))} | {_r(v)} |")
+        wa, wb = a.get("who_is_right"), b.get("who_is_right")
+        if wa and wb:
+            lines.append(f"| {label} | answers that differ: truth sides with student / teacher / neither | "
+                         f"{_who(wa)} | {_who(wb)} |")
+            lines.append(f"| {label} | agreement where the teacher is right | {_r(wa['agreement_where_teacher_right'])} "
+                         f"| {_r(wb['agreement_where_teacher_right'])} |")
     return lines
+
+
+def _who(w: dict) -> str:
+    return f"{w['differ']}: {w['student_right']} / {w['teacher_right']} / {w['both_wrong']}"
 
 
 def vision_lines(res: dict | None) -> list[str]:

@@ -11,6 +11,10 @@ mAP50 vs the teacher.
     python -m benchmarks.onpolicy --quick                       # tiny preset, a plumbing check
     python -m benchmarks.onpolicy --preset full --rounds 4 --samples 512 --steps 60 --lambda 0.5
     python -m benchmarks.onpolicy --train-images 1600           # twice the transfer set, same teachers
+    python -m benchmarks.onpolicy --train-images 1600 --evaluate-only   # its two students evaluated again
+
+Where the student and the teacher disagree, the figures also say which of them the ground truth
+sides with (``who_is_right``) and the agreement over the answers the teacher got right.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def figures(report: dict) -> dict:
             "answer_retained": ret.get(llm, {}).get("answer_em"),
             "detection_map50_vs_teacher": s_t[det[0]]["map50"] if det else None,
             "agreement_by_type": {t: row["student_vs_teacher"] for t, row in report.get("by_type", {}).items()},
+            "who_is_right": report.get("who_is_right", {}).get(llm),
+            "agreement_where_teacher_right_by_type": {t: row.get("agreement_where_teacher_right")
+                                                      for t, row in report.get("by_type", {}).items()},
             "accuracy_by_type": {t: row.get("student_vs_truth") for t, row in report.get("by_type", {}).items()},
             "n": report.get("n_records")}
 
@@ -88,13 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
         "train on the first N train images of the same world (default: the preset's 800): each scene is "
         "seeded by its index, so the first 800 are the demo's and the test and val splits do not change; "
         "the same teachers label the rest (a bigger transfer set)"))
+    ap.add_argument("--evaluate-only", action="store_true", help=(
+        "train nothing: evaluate the two students of the last run with these arguments again and "
+        "rewrite its results.json (after a change to the evaluation)"))
     args = ap.parse_args(argv)
     if args.quick:
         args.preset = "tiny"
     from distillery import runtime
 
     runtime.configure()
-    from distillery.demo.fidelity import demo_setup, record_split, run_eval
+    from distillery.demo.fidelity import demo_setup, record_split
 
     workdir = workdir_of(args)
     world, spec = demo_setup(workdir, args.preset)
@@ -110,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
           "gkd_lambda": args.lmbda, "kind": args.kind, "lr": spec.training.lr * 0.1}
     epochs = args.epochs or (12 if quick else spec.training.epochs)  # tiny's 1 epoch: a student that says nothing
     bench = workdir / ("bench-onpolicy" if not args.train_images else f"bench-onpolicy-train{args.train_images}")
+    if args.evaluate_only:
+        if not (bench / "results.json").is_file():
+            ap.error(f"--evaluate-only: no earlier run in {bench} (run without it first)")
+        out = json.loads((bench / "results.json").read_text())
+        evaluate_arms(out, {"offline": bench / "offline", "on_policy": bench / "onpolicy"}, workdir, args)
+        return out
     spec_b = with_training(spec, epochs=epochs, on_policy=op, onnx_export=False, agreement_every=0)
     print(f"arm B: {epochs} offline epoch(s) + on-policy {op}", flush=True)
     dir_b, metrics_b, seconds_b, per_step = train_arm(spec_b, traces, bench / "onpolicy")
@@ -129,13 +145,25 @@ def main(argv: list[str] | None = None) -> dict:
            "teacher_calls": onp.get("teacher_calls"), "teacher_seconds": onp.get("teacher_seconds"),
            "on_policy_summary": {k: v for k, v in onp.items() if k != "per_round"}}
     out["steps"] = {"offline": steps_a, "on_policy": offline_steps + onp.get("steps", 0)}
-    for arm, folder, seconds in (("offline", dir_a, seconds_a), ("on_policy", dir_b, seconds_b)):
+    for arm, seconds in (("offline", seconds_a), ("on_policy", seconds_b)):
+        out[arm] = {"train_seconds": round(seconds, 1)}
+    evaluate_arms(out, {"offline": dir_a, "on_policy": dir_b}, workdir, args)
+    return out
+
+
+def evaluate_arms(out: dict, folders: dict[str, Path], workdir: Path, args) -> None:
+    """Each arm's student on the test split and the fresh world into ``out``; print; write results.json."""
+    from distillery.demo.fidelity import run_eval
+
+    for arm, folder in folders.items():
         test = run_eval(str(folder), "test", workdir=workdir, preset=args.preset)
         fresh = run_eval(str(folder), "test", workdir=workdir, preset=args.preset, seed=args.seed)
-        out[arm] = {"train_seconds": round(seconds, 1), "test": figures(test), f"seed{args.seed}": figures(fresh)}
+        out[arm] |= {"test": figures(test), f"seed{args.seed}": figures(fresh)}
     print_summary(out, args.seed)
-    (bench / "results.json").write_text(json.dumps(out, indent=2, default=float))
-    return out
+    bench = Path(folders["offline"]).parent
+    tmp = bench / "results.json.tmp"
+    tmp.write_text(json.dumps(out, indent=2, default=float))
+    tmp.replace(bench / "results.json")
 
 
 def print_summary(out: dict, seed: int) -> None:
@@ -155,6 +183,13 @@ def print_summary(out: dict, seed: int) -> None:
         for t in fb["agreement_by_type"]:
             print(f"{split:>10} agreement[{t}]{'':<{17 - len(t)}} offline {fa['agreement_by_type'].get(t)}  "
                   f"on-policy {fb['agreement_by_type'][t]}")
+        for arm, f in (("offline", fa), ("on-policy", fb)):
+            w = f.get("who_is_right")
+            if w:
+                print(f"{split:>10} {arm}: {w['differ']} of {w['n']} answers differ from the teacher's: the truth "
+                      f"sides with the student on {w['student_right']}, the teacher on {w['teacher_right']}, "
+                      f"neither on {w['both_wrong']}; agreement where the teacher is right "
+                      f"{w['agreement_where_teacher_right']:.3f}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def log_by_type(by_type: Mapping[str, Mapping[str, float]], name: str = "plots/a
     if not by_type:
         return
     types = list(by_type)
-    series = [s for s in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth")
+    series = [s for s in ("student_vs_teacher", "agreement_where_teacher_right", "student_vs_truth", "teacher_vs_truth")
               if any(s in row for row in by_type.values())]
     fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(types), 3.4), layout="constrained")
     x, width = np.arange(len(types)), 0.8 / len(series)

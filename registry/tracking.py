@@ -171,7 +171,7 @@ EVAL_EXPERIMENT = "evaluations"  # where an evaluation logged outside any run go
 
 def log_evaluation(report: Mapping[str, Any], run_id: str | None = None, prefix: str = "eval") -> str:
     """A fidelity report into MLflow: metrics ``eval.<comparison>.<node>.<metric>`` and
-    ``eval.by_type.<type>.<comparison>``, the per-node bar chart and ``evaluation.json``; into
+    ``eval.by_type.<type>.<comparison>``, ``eval.who_is_right.<node>.<count>``, the per-node bar chart and ``evaluation.json``; into
     the given run, the active one, or a new run. Returns the run id."""
     import matplotlib.pyplot as plt
 
@@ -189,6 +189,7 @@ def log_evaluation(report: Mapping[str, Any], run_id: str | None = None, prefix:
             metrics |= flat_metrics(report.get(comp, {}), prefix=f"{prefix}.{comp}")
         metrics |= flat_metrics({t: {k: v for k, v in row.items() if k != "n"}
                                  for t, row in (report.get("by_type") or {}).items()}, prefix=f"{prefix}.by_type")
+        metrics |= flat_metrics(report.get("who_is_right") or {}, prefix=f"{prefix}.who_is_right")
         mlflow.log_metrics(metrics)  # names already valid (recall@k -> recall_at_k)
         fig = bar_chart(dict(report))
         mlflow.log_figure(fig, f"{prefix}/fidelity_per_node.png")

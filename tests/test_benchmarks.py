@@ -64,15 +64,22 @@ def test_the_pretrained_and_on_policy_runs_get_their_tables():
                                       "agreement": agreement}, "ran": "2026-12-06 12:38 UTC, abc"},
         "onpolicy": {"fresh_seed": 7, "on_policy_config": {"rounds": 4}, "teacher_calls": 10, "teacher_seconds": 1.5,
                      "offline": {"train_seconds": 9, "test": {"answer_agreement": 0.93833333, "agreement_by_type": {"sum": 0.9}},
-                                 "seed7": {"answer_agreement": 0.925}},
+                                 "seed7": {"answer_agreement": 0.925, "who_is_right": {
+                                     "n": 600, "differ": 31, "student_right": 19, "teacher_right": 10, "both_wrong": 2,
+                                     "agreement_where_teacher_right": 0.98165}}},
                      "on_policy": {"train_seconds": 9, "test": {"answer_agreement": 0.9316, "agreement_by_type": {"sum": 0.8}},
-                                   "seed7": {"answer_agreement": 0.908}}}}
+                                   "seed7": {"answer_agreement": 0.908, "who_is_right": {
+                                       "n": 600, "differ": 34, "student_right": 19, "teacher_right": 13,
+                                       "both_wrong": 2, "agreement_where_teacher_right": 0.977}}}}}
     text = render(results, quick=False)
     assert "| today | 1,000 | 1,000 | 800 | 1.00 | 400 | 1.00 | map50 0.924 | top1 1.000 | answer_em 0.781 |" in text
     assert "| llama-text | 900 | 300 | 1200 | 1.50 | 500 | 1.25 |" in text
     assert "| test split | answer_agreement | 0.9383 | 0.9316 |" in text
     assert "| test split | agreement: sum | 0.9 | 0.8 |" in text
     assert "| fresh world (seed 7) | answer_agreement | 0.925 | 0.908 |" in text
+    assert ("| fresh world (seed 7) | answers that differ: truth sides with student / teacher / neither "
+            "| 31: 19 / 10 / 2 | 34: 19 / 13 / 2 |") in text
+    assert "| fresh world (seed 7) | agreement where the teacher is right | 0.9817 | 0.977 |" in text
     assert "800 train images (`python -m benchmarks.onpolicy`" in text
     more = {**results["onpolicy"], "train_images": 1600}
     text = render({"onpolicy_data": more}, quick=False)

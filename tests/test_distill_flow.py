@@ -83,7 +83,10 @@ def test_the_run_holds_params_epoch_and_system_metrics_plots_and_the_report(runs
             "eval/evaluation.json", "eval/fidelity_per_node.png"} <= files, sorted(files)
     report = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="eval/evaluation.json", tracking_uri=client.tracking_uri)).read_text())
-    assert {"student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "retained", "by_type"} <= set(report)
+    assert {"student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "retained", "by_type", "who_is_right"} <= set(report)
+    who = report["who_is_right"]["reasoner"]  # the disagreements split by which side the labels agree with
+    assert who["n"] == report["n_records"] and who["student_right"] + who["teacher_right"] + who["both_wrong"] == who["differ"]
+    assert metrics["eval.who_is_right.reasoner.differ"] == who["differ"]
     assert set(report["student_vs_truth"]) == {"detector", "retriever", "reasoner"}  # the inputs' labels
     assert report["labels"]["labelled"] == report["n_records"] and report["labels"]["left_out"] == {}
     from distillery.flows.spec import load_spec

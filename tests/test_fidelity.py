@@ -67,8 +67,24 @@ def test_teacher_outputs_as_student_retain_everything(demo):
 def test_answers_by_question_type():
     out = by_question_type(["count", "count", "sum", None], ["1", "2", "3", "9"], ["1", "3", "3", "9"],
                            ["1", "2", "4", "0"])
-    assert out == {"count": {"student_vs_teacher": 0.5, "student_vs_truth": 1.0, "teacher_vs_truth": 0.5, "n": 2},
+    assert out == {"count": {"student_vs_teacher": 0.5, "student_vs_truth": 1.0, "teacher_vs_truth": 0.5,
+                             "agreement_where_teacher_right": 1.0, "n": 2},
                    "sum": {"student_vs_teacher": 1.0, "student_vs_truth": 0.0, "teacher_vs_truth": 0.0, "n": 1}}
+
+
+def test_who_is_right_splits_the_disagreements_by_the_truth():
+    from distillery.students.model.scores import who_is_right
+
+    student = ["2", "3", "Yes", "4", "1", "0"]
+    teacher = ["2", "4", "no", "4", "2", "5"]
+    truth = ["2", "3", "no", "5", "2", "7"]
+    # differ at 1 (student right), 2 (teacher right: "Yes" vs "no"), 4 (teacher right), 5 (neither)
+    assert who_is_right(student, teacher, truth) == {
+        "n": 6, "differ": 4, "student_right": 1, "teacher_right": 2, "both_wrong": 1,
+        "agreement_where_teacher_right": pytest.approx(1 / 3)}  # the teacher is right at 0, 2, 4; agree at 0
+    assert who_is_right([" Yes."], ["yes"], ["YES"])["differ"] == 0  # compared as answer_agreement compares
+    with pytest.raises(ValueError, match="who_is_right: 1 student, 2 teacher"):
+        who_is_right(["1"], ["1", "2"], ["1", "2"])
 
 
 def test_run_eval_on_a_student_folder_and_log_it(demo, tmp_path):

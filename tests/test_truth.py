@@ -113,6 +113,9 @@ def test_teacher_against_its_truth_is_perfect_and_retained_is_student_over_teach
     assert report["retained"]["reasoner"]["answer_em"] == pytest.approx(0.5 / 1.0)
     assert report["retained"]["detector"]["map50"] == 1.0
     assert report["by_type"]["how"]["student_vs_truth"] == pytest.approx(2 / 3)
+    # the two answers that differ are the student's mistakes: the truth sides with the teacher on both
+    assert report["who_is_right"]["reasoner"] == {"n": 4, "differ": 2, "student_right": 0, "teacher_right": 2,
+                                                  "both_wrong": 0, "agreement_where_teacher_right": 0.5}
 
 
 def test_a_node_without_labels_has_no_truth_row(tmp_path, graph):

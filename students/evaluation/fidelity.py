@@ -28,6 +28,7 @@ from distillery.students.evaluation.metrics import (answer_agreement, as_predict
                                                     teacher_text_kl)
 from distillery.students.evaluation.report import headline_metrics
 from distillery.students.model.heads import head_class
+from distillery.students.model.scores import who_is_right
 from distillery.students.evaluation.truth import Labels, align, node_types, read_labels
 from distillery.students.serving.folder import student_dir
 from distillery.students.serving.predictor import StudentPredictor
@@ -84,7 +85,8 @@ def question_openings(records: Sequence, words: int = 2) -> list[str | None]:
 
 def by_question_type(types: Sequence[str | None], student: Sequence[str], teacher: Sequence[str],
                      truth: Sequence[str | None] | None = None) -> dict[str, dict[str, float]]:
-    """Answer exact match per question type: student vs teacher (and each vs truth if given)."""
+    """Answer exact match per question type: student vs teacher (and each vs truth if given, and
+    student vs teacher over the answers the teacher got right: ``agreement_where_teacher_right``)."""
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(types):
         if t is not None:
@@ -96,6 +98,10 @@ def by_question_type(types: Sequence[str | None], student: Sequence[str], teache
         if known:
             row["student_vs_truth"] = answer_agreement([student[i] for i in known], [truth[i] for i in known])
             row["teacher_vs_truth"] = answer_agreement([teacher[i] for i in known], [truth[i] for i in known])
+            where = who_is_right([student[i] for i in known], [teacher[i] for i in known],
+                                 [truth[i] for i in known])["agreement_where_teacher_right"]
+            if where == where:  # nan where the teacher got none of this type right: nothing to compare
+                row["agreement_where_teacher_right"] = where
         out[t] = row | {"n": len(idx)}
     return out
 
@@ -162,9 +168,14 @@ def evaluate_predictions(graph, records: Sequence, preds: Sequence[dict], ground
                                                   truth, k=ks)
         report["retained"] = retained(report["student_vs_truth"], report["teacher_vs_truth"])
     llm = [n for n in nodes if head_class(kinds[n]).generative]  # the answering nodes (llm, openai)
+    truth_answers = None if ground_truth is None or not llm else [
+        None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]
+    if truth_answers is not None and any(a is not None for a in truth_answers):
+        known = [i for i, a in enumerate(truth_answers) if a is not None]
+        student, teacher_answers = _answers(preds, llm[-1]), _answers(teacher, llm[-1])
+        report["who_is_right"] = {llm[-1]: who_is_right([student[i] for i in known], [teacher_answers[i] for i in known],
+                                                        [truth_answers[i] for i in known])}
     if types is not None and llm:
-        truth_answers = None if ground_truth is None else [
-            None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]
         report["by_type"] = by_question_type(types, _answers(preds, llm[-1]), _answers(teacher, llm[-1]),
                                              truth_answers)
     report["headline"] = headline_metrics(report["student_vs_teacher"])
@@ -266,11 +277,17 @@ def print_table(report: dict[str, Any], title: str = "student evaluation") -> No
     console.print(table)
     if report.get("by_type"):
         t = Table(title="answer exact match by question type")
-        for c in ("type", *COMPARISONS, "n"):
+        cols = (*COMPARISONS, "agreement_where_teacher_right")
+        for c in ("type", *cols, "n"):
             t.add_column(c.replace("_", " "), justify="left" if c == "type" else "right")
         for qtype, row in report["by_type"].items():
-            t.add_row(qtype, *[f"{row[c]:.3f}" if c in row else "" for c in COMPARISONS], str(row["n"]))
+            t.add_row(qtype, *[f"{row[c]:.3f}" if c in row else "" for c in cols], str(row["n"]))
         console.print(t)
+    for node, w in report.get("who_is_right", {}).items():
+        console.print(f"{node}: {w['differ']} of {w['n']} answers differ from the teacher's; the truth sides with "
+                      f"the student on {w['student_right']}, the teacher on {w['teacher_right']}, neither on "
+                      f"{w['both_wrong']}; agreement where the teacher is right "
+                      f"{w['agreement_where_teacher_right']:.3f}")
 
 
 def bar_chart(report: dict[str, Any]):

@@ -128,3 +128,25 @@ def answer_agreement(pred_answers: Sequence[str], ref_answers: Sequence[str]) ->
         return float("nan")
     same = [normalize_answer(str(p)) == normalize_answer(str(r)) for p, r in zip(pred_answers, ref_answers)]
     return float(np.mean(same))
+
+
+def who_is_right(student: Sequence[str], teacher: Sequence[str], truth: Sequence[str]) -> dict[str, float | int]:
+    """Where the student and the teacher disagree, which of them the truth sides with.
+
+    A disagreement is not always the student's fault: a student trained on many teacher outputs
+    can average away the teacher's one-off mistakes. Counts (normalised exact match, as
+    ``answer_agreement``): ``student_right`` (differ; the student matches the truth, the teacher
+    does not), ``teacher_right`` (differ; the reverse), ``both_wrong`` (differ; neither matches),
+    and ``agreement_where_teacher_right``: the agreement over the answers the teacher got right
+    (the fidelity that copies no teacher mistake)."""
+    if not len(student) == len(teacher) == len(truth):
+        raise ValueError(f"who_is_right: {len(student)} student, {len(teacher)} teacher and {len(truth)} true answers")
+    s, t, g = ([normalize_answer(str(a)) for a in side] for side in (student, teacher, truth))
+    differ = [i for i in range(len(g)) if s[i] != t[i]]
+    teacher_right = [i for i in range(len(g)) if t[i] == g[i]]
+    return {"n": len(g), "differ": len(differ),
+            "student_right": sum(s[i] == g[i] for i in differ),
+            "teacher_right": sum(t[i] == g[i] for i in differ),
+            "both_wrong": sum(s[i] != g[i] and t[i] != g[i] for i in differ),
+            "agreement_where_teacher_right": (sum(s[i] == t[i] for i in teacher_right) / len(teacher_right)
+                                              if teacher_right else float("nan"))}
