@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.__main__ import render
 
 
@@ -97,3 +99,18 @@ def test_the_vision_encoder_benchmark_runs_and_renders():
     assert "QLinearConv" in res["today"]["op_share"]  # the convolutions did run in int8
     text = render({"vision_encoder": res}, quick=False)
     assert "## The int8 vision encoder at 64 px" in text and "| depthwise |" in text
+
+
+def test_scene_counts_count_each_image_once_and_compare_each_side_with_the_labels():
+    from benchmarks.counting import scene_counts
+
+    images = ["a.png", "a.png", "b.png", "c.png"]  # two questions on a.png: one scene
+    teacher = [["circle", "circle", "square"], ["circle", "circle", "square"], ["square"], ["circle"]]
+    student = [["circle", "square"], ["circle", "square"], ["square"], ["square"]]
+    truth = [["circle", "square"], ["circle", "square"], ["square"], ["circle"]]
+    out = scene_counts(images, teacher, student, truth)
+    assert out["scenes"] == 3 and out["teacher_true"] == 2 and out["student_true"] == 2
+    assert out["by_teacher_n"] == {1: {"scenes": 2, "student_differs": 1, "student_true": 1},
+                                   3: {"scenes": 1, "student_differs": 1, "student_true": 1}}
+    with pytest.raises(ValueError, match="scene_counts: 1 images, 2 teacher"):
+        scene_counts(["a"], [[], []], [[]], [[]])
