@@ -167,12 +167,16 @@ def _utf8_ok(text: str) -> bool:
 
 # -- checking --------------------------------------------------------------------------------------
 def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
-                where: str = "", root: Path | None = None) -> Request | Quarantined:
+                where: str = "", root: Path | None = None,
+                good_images: dict[Path, bytes] | None = None) -> Request | Quarantined:
     """Check one input: where the file is (inside ``root``, when given), the file, the question,
     then the image (header first, then a full decode).
 
     ``where`` names the input in messages (e.g. "requests.jsonl line 3"); the image path is added.
-    Returns a Request with the raw image bytes, or a Quarantined naming the input and the reason."""
+    ``good_images``: the files already read and decoded in this scan, by path (an image that
+    several questions ask about is read and decoded once, and its requests share its bytes);
+    a file that passes is added. Returns a Request with the raw image bytes, or a Quarantined
+    naming the input and the reason."""
     image_path = Path(image_path)
     shown = os.fsencode(image_path).decode("utf-8", errors="replace")
     label = f"{where} ({shown})" if where and image_path.name not in where else (where or shown)
@@ -181,9 +185,13 @@ def check_input(image_path: Path, question: str | bytes, cfg: InputsConfig,
     try:
         if root is not None:
             check_inside(image_path, root, label)
-        data = read_image_file(image_path, label)
+        known = None if good_images is None else good_images.get(image_path)
+        data = known if known is not None else read_image_file(image_path, label)
         text = check_question(question, cfg, label)
-        check_image(data, cfg, label)
+        if known is None:
+            check_image(data, cfg, label)
+            if good_images is not None:
+                good_images[image_path] = data
     except _Refused as e:
         key = data or os.fsencode(image_path)  # empty or unreadable file: the path names it
         return Quarantined(make_input_id(key, text), shown, text, e.reason, str(e))
@@ -286,8 +294,9 @@ def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = (
     """Discover and check every input: the good requests and the quarantined ones, each input
     id once, in order. An input whose id is in ``skip`` (already recorded) is only counted: its
     bytes are read and hashed (the id), not decoded and checked again, so a rerun over recorded
-    inputs costs a read per file."""
-    scan, seen = InputScan([], [], 0), set()
+    inputs costs a read per file. An image file several questions ask about is read and decoded
+    once per scan."""
+    scan, seen, good_images = InputScan([], [], 0), set(), {}
     for found in discover(inputs, cfg):
         item = found
         if isinstance(found, Candidate):
@@ -296,7 +305,7 @@ def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = (
                 scan.skipped += known not in seen
                 seen.add(known)
                 continue
-            item = check_input(found.image_path, found.question, cfg, found.where, found.root)
+            item = check_input(found.image_path, found.question, cfg, found.where, found.root, good_images)
         if item.input_id in seen:
             continue
         seen.add(item.input_id)

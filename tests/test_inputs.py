@@ -195,6 +195,30 @@ def test_recorded_inputs_are_counted_not_checked_again(folder, monkeypatch):
     assert not {(f"good{i}.png", "What is here?") for i in range(4)} & set(checked)
 
 
+def test_an_image_asked_about_several_times_is_decoded_once_and_its_requests_share_its_bytes(tmp_path, monkeypatch):
+    import distillery.teachers.inputs as inputs
+
+    (tmp_path / "a.png").write_bytes(_png(16, 12, seed=1))
+    (tmp_path / "b.png").write_bytes(_png(8, 8, seed=2))
+    (tmp_path / "bad.png").write_bytes(_png(16, 16)[:60])  # truncated: each question on it says so itself
+    lines = [("a.png", "How many?"), ("b.png", "How many?"), ("a.png", "Which colour?"), ("bad.png", "One?"),
+             ("a.png", ""), ("a.png", "Is it safe?"), ("bad.png", "Two?")]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps({"image": i, "question": q}) + "\n" for i, q in lines))
+    decoded = []
+    real = inputs.check_image
+    monkeypatch.setattr(inputs, "check_image", lambda data, cfg, label: decoded.append(label) or real(data, cfg, label))
+    requests, bad = load_inputs(tmp_path, CFG)
+    assert [(Path(r.image_path).name, r.question) for r in requests] == [
+        ("a.png", "How many?"), ("b.png", "How many?"), ("a.png", "Which colour?"), ("a.png", "Is it safe?")]
+    a = [r for r in requests if r.image_path.endswith("a.png")]
+    assert all(r.image_bytes is a[0].image_bytes for r in a)  # one copy in memory (and in a pickled shard)
+    assert a[0].image_bytes == (tmp_path / "a.png").read_bytes()
+    assert len([x for x in decoded if "a.png" in x]) == 1 and len([x for x in decoded if "b.png" in x]) == 1
+    assert [(q.reason, q.question) for q in bad] == [("truncated_image", "One?"), ("empty_question", ""),
+                                                    ("truncated_image", "Two?")]
+    assert "line 4" in bad[0].detail and "line 7" in bad[2].detail  # each bad input named by its own line
+
+
 def test_images_outside_the_inputs_folder_are_refused_before_they_are_opened(tmp_path, monkeypatch):
     """``..``, an absolute path elsewhere and a symlink that points out are ``outside_inputs``;
     a symlink inside the folder to a file inside it is an ordinary input. The outside files are
