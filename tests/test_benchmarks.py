@@ -114,3 +114,17 @@ def test_scene_counts_count_each_image_once_and_compare_each_side_with_the_label
                                    3: {"scenes": 1, "student_differs": 1, "student_true": 1}}
     with pytest.raises(ValueError, match="scene_counts: 1 images, 2 teacher"):
         scene_counts(["a"], [[], []], [[]], [[]])
+
+
+def test_dask_ratios_are_medians_of_each_rounds_own_ratio():
+    from benchmarks.dask_record import paired_ratios
+
+    # one slow local run (round 0) moves local's median, not the rounds' ratios
+    times = {"local": [36.0, 9.5, 8.7, 8.6, 9.5], "dask1": [9.4, 10.3, 10.4, 11.3, 10.5],
+             "dask2": [7.5, 6.1, 6.2, 7.3, 6.0]}
+    out = paired_ratios(times)
+    assert out["dask1_over_local_time"] == round(10.5 / 9.5, 3)  # rounds: 0.26, 1.08, 1.20, 1.31, 1.11
+    assert out["of_medians"]["dask1_over_local_time"] == round(10.4 / 9.5, 3)
+    assert out["dask2_over_dask1_speed"] == round(10.4 / 6.2, 3)  # rounds: 1.25, 1.69, 1.68, 1.55, 1.75
+    with pytest.raises(ValueError):
+        paired_ratios({"local": [1.0], "dask1": [1.0, 2.0], "dask2": [1.0]})
