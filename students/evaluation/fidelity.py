@@ -168,16 +168,16 @@ def evaluate_predictions(graph, records: Sequence, preds: Sequence[dict], ground
                                                   truth, k=ks)
         report["retained"] = retained(report["student_vs_truth"], report["teacher_vs_truth"])
     llm = [n for n in nodes if head_class(kinds[n]).generative]  # the answering nodes (llm, openai)
-    truth_answers = None if ground_truth is None or not llm else [
-        None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]
-    if truth_answers is not None and any(a is not None for a in truth_answers):
-        known = [i for i, a in enumerate(truth_answers) if a is not None]
-        student, teacher_answers = _answers(preds, llm[-1]), _answers(teacher, llm[-1])
-        report["who_is_right"] = {llm[-1]: who_is_right([student[i] for i in known], [teacher_answers[i] for i in known],
-                                                        [truth_answers[i] for i in known])}
-    if types is not None and llm:
-        report["by_type"] = by_question_type(types, _answers(preds, llm[-1]), _answers(teacher, llm[-1]),
-                                             truth_answers)
+    if llm:
+        answers = {"student": _answers(preds, llm[-1]), "teacher": _answers(teacher, llm[-1])}
+        truth_answers = None if ground_truth is None else [
+            None if t is None or llm[-1] not in t else t[llm[-1]]["answer"] for t in ground_truth]
+        known = [i for i, a in enumerate(truth_answers or []) if a is not None]
+        if known:
+            report["who_is_right"] = {llm[-1]: who_is_right(*([side[i] for i in known] for side in (
+                answers["student"], answers["teacher"], truth_answers)))}
+        if types is not None:
+            report["by_type"] = by_question_type(types, answers["student"], answers["teacher"], truth_answers)
     report["headline"] = headline_metrics(report["student_vs_teacher"])
     return report
 
