@@ -268,14 +268,17 @@ def _who(w: dict) -> str:
 
 
 def vision_lines(res: dict | None) -> list[str]:
-    """The int8 vision encoder, today's blocks vs depthwise-separable (``benchmarks.vision_encoder``)."""
+    """The int8 vision encoder: today's, with depthwise-separable blocks, with a patchify stem
+    (``benchmarks.vision_encoder``)."""
     if not res or "today" not in res:
         return []
     lines = ["", f"## The int8 vision encoder at {res.get('size')} px, batch {res.get('batch')}, one thread "
                  f"(`python -m benchmarks.vision_encoder`, {res.get('ran', '')})", "",
              "| encoder | params | ms a request | costliest nodes (ms a request) |", "|---|---|---|---|"]
-    for name in ("today", "depthwise"):
-        r = res.get(name, {})
+    for name in ("today", "depthwise", "patchify"):
+        if name not in res:
+            continue
+        r = res[name]
         nodes = "; ".join(f"{k} {v}" for k, v in r.get("top_nodes_ms", {}).items())
         lines.append(f"| {name} | {r.get('params', 0):,} | {r.get('ms_per_request')} | {nodes} |")
     return lines

@@ -1,10 +1,12 @@
-"""Where the int8 vision encoder's time goes at 640 px, and what depthwise-separable blocks change.
+"""Where the int8 vision encoder's time goes at 640 px, and what depthwise-separable blocks or a
+patchify stem change.
 
     python -m benchmarks.vision_encoder [--size 640] [--batch 16] [--widths 16 24 48 96] [--preset tiny]
 
 Builds the student's built-in encoder (``VisionEncoder``, ReLU, the scale student's widths: random
 weights, timing only) and the same encoder with each residual block made depthwise-separable
-(MobileNet's 3x3 depthwise + 1x1 pointwise, twice), exports both to ONNX, quantizes them as the
+(MobileNet's 3x3 depthwise + 1x1 pointwise, twice) and with a patchify stem (one 4x4 stride-4
+convolution to stride 4, ConvNeXt's, in place of the two stride-2 ones), exports each to ONNX, quantizes it as the
 product does (QOperator int8 convolutions, per-channel weights, the image bytes straight into the
 first convolution: ``students.serving.onnx.uint8_input``), and times each on ONNX Runtime
 with one thread: milliseconds a request at ``--batch``, the share of each operator type, and the
@@ -55,7 +57,13 @@ def encoders(widths: tuple[int, ...]):
     dw = vision.VisionEncoder(widths, True, "relu")
     for stage in (dw.s4, dw.s8, dw.s16):
         stage[1] = DepthwiseBlock(stage[1].body[0][0].in_channels)
-    return {"today": Pixels(today).eval(), "depthwise": Pixels(dw).eval()}
+    # A patchify stem (ConvNeXt's; space-to-depth followed by a 1x1 convolution is a special case):
+    # one 4x4 stride-4 convolution straight to stride 4, in place of the stride-2 stem over the
+    # 3 colour channels at full size and the stride-2 convolution after it.
+    patch = vision.VisionEncoder(widths, True, "relu")
+    patch.stem = nn.Sequential(nn.Conv2d(3, widths[1], 4, 4, bias=False), nn.BatchNorm2d(widths[1]), nn.ReLU())
+    patch.s4[0] = nn.Identity()
+    return {"today": Pixels(today).eval(), "depthwise": Pixels(dw).eval(), "patchify": Pixels(patch).eval()}
 
 
 def int8_graph(model, x, folder: Path, name: str) -> Path:
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:>10}: {ms[name]} ms a request (int8, 1 thread, median of {args.rounds}), {params:,} params; "
                   f"by operator {out[name]['op_share']}")
             print(f"{'':>10}  costliest nodes (ms a request): {out[name]['top_nodes_ms']}")
-    out["depthwise_over_today"] = round(out["depthwise"]["ms_per_request"] / out["today"]["ms_per_request"], 3)
+    for name in ("depthwise", "patchify"):
+        out[f"{name}_over_today"] = round(out[name]["ms_per_request"] / out["today"]["ms_per_request"], 3)
     print(json.dumps(out))
     return out
 

@@ -90,15 +90,17 @@ def test_the_pretrained_and_on_policy_runs_get_their_tables():
 
 
 def test_the_vision_encoder_benchmark_runs_and_renders():
-    """Its smallest setting (64 px): both encoders exported, quantized, timed and profiled."""
+    """Its smallest setting (64 px): the three encoders exported, quantized, timed and profiled."""
     from benchmarks import vision_encoder
 
     res = vision_encoder.main(["--preset", "tiny"])
     assert res["today"]["ms_per_request"] > 0 and res["depthwise"]["ms_per_request"] > 0
     assert res["depthwise"]["params"] < res["today"]["params"]  # the depthwise blocks are the smaller ones
     assert "QLinearConv" in res["today"]["op_share"]  # the convolutions did run in int8
+    assert res["patchify"]["ms_per_request"] > 0 and res["patchify_over_today"] > 0
+    assert any("stem" in node for node in res["patchify"]["top_nodes_ms"])  # its one stem convolution, profiled
     text = render({"vision_encoder": res}, quick=False)
-    assert "## The int8 vision encoder at 64 px" in text and "| depthwise |" in text
+    assert "## The int8 vision encoder at 64 px" in text and "| depthwise |" in text and "| patchify |" in text
 
 
 def test_scene_counts_count_each_image_once_and_compare_each_side_with_the_labels():
