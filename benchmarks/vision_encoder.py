@@ -60,9 +60,7 @@ def encoders(widths: tuple[int, ...]):
     # A patchify stem (ConvNeXt's; space-to-depth followed by a 1x1 convolution is a special case):
     # one 4x4 stride-4 convolution straight to stride 4, in place of the stride-2 stem over the
     # 3 colour channels at full size and the stride-2 convolution after it.
-    patch = vision.VisionEncoder(widths, True, "relu")
-    patch.stem = nn.Sequential(nn.Conv2d(3, widths[1], 4, 4, bias=False), nn.BatchNorm2d(widths[1]), nn.ReLU())
-    patch.s4[0] = nn.Identity()
+    patch = vision.VisionEncoder(widths, True, "relu", stem="patchify")  # student.vision_stem: patchify
     return {"today": Pixels(today).eval(), "depthwise": Pixels(dw).eval(), "patchify": Pixels(patch).eval()}
 
 

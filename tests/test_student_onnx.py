@@ -197,11 +197,13 @@ def test_breakdown_times_the_onnx_students_graphs_inside_its_run(folder):
     assert serial <= res["request_ms"] * 1.05
 
 
-def test_relu_students_int8_vision_graph_folds_relu_and_reads_the_image_bytes(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "patchify"])
+def test_relu_students_int8_vision_graph_folds_relu_and_reads_the_image_bytes(tmp_path, stem):
     """``vision_act: relu``: the int8 vision graph has no float activation left (each ReLU folded
     into its convolution) and no cast / divide / quantize of the image (the bytes go straight into
     the first convolution at scale 1/255); its outputs stay within int8 rounding of the float
-    graph's, and the runtime answers from it."""
+    graph's, and the runtime answers from it. With either ``vision_stem``: 'patchify''s first
+    convolution is one 4x4 stride-4 kernel."""
     import io
 
     import numpy as np
@@ -214,7 +216,7 @@ def test_relu_students_int8_vision_graph_folds_relu_and_reads_the_image_bytes(tm
     torch.manual_seed(0)
     spec = load_spec(write_graph(tmp_path / "graph"))
     records = make_records()
-    model = MultimodalStudent(tiny_config(vision_act="relu"), build_schema(spec, records))
+    model = MultimodalStudent(tiny_config(vision_act="relu", vision_stem=stem), build_schema(spec, records))
     assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
     assert not any(isinstance(m, torch.nn.SiLU) for m in model.modules())
     out = model.save_pretrained(tmp_path / "student")
@@ -224,7 +226,10 @@ def test_relu_students_int8_vision_graph_folds_relu_and_reads_the_image_bytes(tm
     graph = onnx_lib.load(str(out / "onnx" / "vision-int8.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert "Relu" not in ops and "Cast" not in ops and "Div" not in ops and ops.count("QLinearConv") >= 10
-    assert [n for n in graph.node if "images" in n.input][0].op_type == "QLinearConv"
+    first = [n for n in graph.node if "images" in n.input][0]
+    assert first.op_type == "QLinearConv"
+    kernel = {a.name: list(a.ints) for a in first.attribute}
+    assert (kernel["kernel_shape"], kernel["strides"]) == (([4, 4], [4, 4]) if stem == "patchify" else ([3, 3], [2, 2]))
     images = np.stack([np.asarray(Image.open(io.BytesIO(r.image_bytes)).convert("RGB").resize((64, 64)))
                        .transpose(2, 0, 1) for r in records])
     f32 = ort.InferenceSession(str(out / "onnx" / "vision.onnx")).run(None, {"images": images})

@@ -67,6 +67,8 @@ def test_the_config_names_pretrained_parts_and_refuses_what_cannot_fit(tmp_path)
         tiny_config(vision_backbone="mobilenet")
     with pytest.raises(ValidationError, match="text_base is not set"):
         tiny_config(lora_rank=4)
+    with pytest.raises(ValidationError, match="vision_stem 'patchify' shapes the built-in encoder"):
+        tiny_config(vision_stem="patchify", vision_backbone="torchvision/mobilenet_v3_small")
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors: no such file"):
         read_weights(tmp_path / "nowhere.safetensors")
     from distillery.demo.standins import write_timm_weights

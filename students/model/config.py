@@ -31,6 +31,13 @@ class StudentConfig(BaseModel):
         "(as EfficientNet-Lite and MobileNet replaced swish for int8): int8 folds it into each "
         "convolution, where SiLU runs in float between a dequantize and a quantize; measured in "
         "benchmarks/scale.py's student: its 640-px int8 vision graph about half the cost.")
+    vision_stem: Literal["conv", "patchify"] = Field(
+        "conv", description="How the built-in encoder gets to stride 4: 'conv', a stride-2 3x3 "
+        "convolution to vision_widths[0] channels, then a stride-2 one to vision_widths[1]; "
+        "'patchify' (ConvNeXt's stem), one 4x4 stride-4 convolution straight to vision_widths[1] "
+        "(vision_widths[0] unused). At large image sizes on CPU the full-size 3-channel convolution "
+        "is the costliest layer and runs poorly in int8: benchmarks/vision_encoder.py, 640 px, "
+        "patchify's int8 encoder takes 0.77x the time of conv's.")
     image_grid: int = Field(4, ge=1, description="Image tokens per side: the stride-16 features are "
                             "average-pooled to image_grid x image_grid tokens for the text decoder.")
     channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
@@ -140,6 +147,9 @@ class StudentConfig(BaseModel):
             raise ValueError(f"image_size {self.image_size}: must be a multiple of 16 (the encoder's stride)")
         if self.text_base is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.vision_stem != "conv" and self.vision_backbone is not None:
+            raise ValueError(f"vision_stem {self.vision_stem!r} shapes the built-in encoder, and vision_backbone "
+                             f"{self.vision_backbone!r} replaces it: set one or the other")
         if self.vision_weights is not None and self.vision_backbone is None:
             raise ValueError("vision_weights is set but vision_backbone is not (which network do they fit?)")
         if self.vision_backbone is not None and self.vision_backbone.partition("/")[0] not in ("timm", "torchvision"):

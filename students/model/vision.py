@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from distillery.students.model.config import StudentConfig
 from distillery.students.model.heads import conv_bn_act
+from distillery.students.model.heads.base import ACTIVATIONS
 
 
 class ResBlock(nn.Module):
@@ -24,13 +25,21 @@ class ResBlock(nn.Module):
 
 class VisionEncoder(nn.Module):
     """Stem (stride 2) and three stages (strides 4, 8, 16); p8 and p4 get the coarser level added
-    (FPN-style, Lin et al. 2017). ``need_p4``: only segmentation heads read stride 4."""
+    (FPN-style, Lin et al. 2017). ``need_p4``: only segmentation heads read stride 4. ``stem``
+    'patchify': one 4x4 stride-4 convolution to stride 4 in place of the stride-2 stem and the
+    stride-2 convolution after it (``StudentConfig.vision_stem``)."""
 
-    def __init__(self, widths: tuple[int, int, int, int], need_p4: bool, act: str = "silu"):
+    def __init__(self, widths: tuple[int, int, int, int], need_p4: bool, act: str = "silu", stem: str = "conv"):
         super().__init__()
         w0, w1, w2, w3 = widths
-        self.stem = conv_bn_act(3, w0, 3, 2, act)
-        self.s4 = nn.Sequential(conv_bn_act(w0, w1, 3, 2, act), ResBlock(w1, act))
+        if stem == "patchify":
+            self.stem = nn.Sequential(nn.Conv2d(3, w1, 4, 4, bias=False), nn.BatchNorm2d(w1), ACTIVATIONS[act](inplace=True))
+            self.s4 = nn.Sequential(ResBlock(w1, act))
+        elif stem == "conv":
+            self.stem = conv_bn_act(3, w0, 3, 2, act)
+            self.s4 = nn.Sequential(conv_bn_act(w0, w1, 3, 2, act), ResBlock(w1, act))
+        else:
+            raise ValueError(f"vision stem {stem!r}: expected 'conv' or 'patchify'")
         self.s8 = nn.Sequential(conv_bn_act(w1, w2, 3, 2, act), ResBlock(w2, act))
         self.s16 = nn.Sequential(conv_bn_act(w2, w3, 3, 2, act), ResBlock(w3, act))
         self.lat16 = nn.Conv2d(w3, w2, 1)
@@ -51,7 +60,7 @@ def build_vision(cfg: StudentConfig, need_p4: bool, load_weights: bool = True) -
     """The built-in encoder, or ``cfg.vision_backbone`` with ``cfg.vision_weights`` (read only when
     ``load_weights``: a saved student's own weights replace them anyway)."""
     if cfg.vision_backbone is None:
-        return VisionEncoder(cfg.vision_widths, need_p4, cfg.vision_act)
+        return VisionEncoder(cfg.vision_widths, need_p4, cfg.vision_act, cfg.vision_stem)
     from distillery.students.model.backbones import BackboneEncoder
 
     weights = cfg.vision_weights if load_weights else None
