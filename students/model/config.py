@@ -37,7 +37,9 @@ class StudentConfig(BaseModel):
         "'patchify' (ConvNeXt's stem), one 4x4 stride-4 convolution straight to vision_widths[1] "
         "(vision_widths[0] unused). At large image sizes on CPU the full-size 3-channel convolution "
         "is the costliest layer and runs poorly in int8: benchmarks/vision_encoder.py, 640 px, "
-        "patchify's int8 encoder takes 0.77x the time of conv's.")
+        "patchify's int8 encoder takes 0.77x the time of conv's. At the demo's 128 px it detects "
+        "worse (300 steps, benchmarks/pretrained.py --variants today,relu-vision,relu-patchify: "
+        "mAP50 0.867 vs 0.915): for large images.")
     image_grid: int = Field(4, ge=1, description="Image tokens per side: the stride-16 features are "
                             "average-pooled to image_grid x image_grid tokens for the text decoder.")
     channels_last: bool = Field(True, description="Run the conv encoder in channels_last memory "
