@@ -116,6 +116,10 @@ def test_teacher_against_its_truth_is_perfect_and_retained_is_student_over_teach
     # the two answers that differ are the student's mistakes: the truth sides with the teacher on both
     assert report["who_is_right"]["reasoner"] == {"n": 4, "differ": 2, "student_right": 0, "teacher_right": 2,
                                                   "both_wrong": 0, "agreement_where_teacher_right": 0.5}
+    from distillery.students.evaluation.fidelity import report_rows
+
+    assert {"node": "reasoner", "metric": "answer_em where the teacher is right",  # the table's (and artifact's) row
+            "student_vs_teacher": 0.5} in report_rows(report)
 
 
 def test_a_node_without_labels_has_no_truth_row(tmp_path, graph):

@@ -253,13 +253,18 @@ def evaluate_inputs(student: str | Path, inputs: str | Path, traces: str, spec=N
 # ---------------------------------------------------------------------------------------------
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (node, metric): student vs teacher, student vs truth, teacher vs truth, retained."""
+    """One row per (node, metric): student vs teacher, student vs truth, teacher vs truth, retained;
+    and, where the answers have labels, the answer agreement over those the teacher got right."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for comp in (*COMPARISONS, "retained"):
         for node, metrics in report.get(comp, {}).items():
             for metric, v in metrics.items():
                 if metric != "n":
                     rows.setdefault((node, metric), {"node": node, "metric": metric})[comp] = round(float(v), 4)
+    for node, w in report.get("who_is_right", {}).items():  # the agreement that copies no teacher mistake
+        if w["agreement_where_teacher_right"] == w["agreement_where_teacher_right"]:
+            rows[(node, "where_teacher_right")] = {"node": node, "metric": "answer_em where the teacher is right",
+                                                   "student_vs_teacher": round(w["agreement_where_teacher_right"], 4)}
     return list(rows.values())
 
 
