@@ -108,10 +108,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     workdir = workdir_of(args)
     world, spec = demo_setup(workdir, args.preset)
-    traces = workdir / "traces-train.lance"
-    record_split(spec, world, "train", traces)
     if args.train_images is not None and args.train_images < world.config.n_train:
         ap.error(f"--train-images {args.train_images}: at least the world's {world.config.n_train} train images")
+    bench = workdir / ("bench-onpolicy" if not args.train_images else f"bench-onpolicy-train{args.train_images}")
+    if args.evaluate_only:  # the stored students: nothing recorded or trained
+        if not (bench / "results.json").is_file():
+            ap.error(f"--evaluate-only: no earlier run in {bench} (run without it first)")
+        out = json.loads((bench / "results.json").read_text())
+        evaluate_arms(out, bench, {"offline": bench / "offline", "on_policy": bench / "onpolicy"}, workdir, args)
+        return out
+    traces = workdir / "traces-train.lance"
+    record_split(spec, world, "train", traces)
     if args.train_images and args.train_images != world.config.n_train:
         traces = more_train_data(world, spec, traces, args.train_images, workdir)
     quick = args.quick
@@ -119,13 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
           args.samples or (32 if quick else 512), "steps_per_round": args.steps or (4 if quick else 60),
           "gkd_lambda": args.lmbda, "kind": args.kind, "lr": spec.training.lr * 0.1}
     epochs = args.epochs or (12 if quick else spec.training.epochs)  # tiny's 1 epoch: a student that says nothing
-    bench = workdir / ("bench-onpolicy" if not args.train_images else f"bench-onpolicy-train{args.train_images}")
-    if args.evaluate_only:
-        if not (bench / "results.json").is_file():
-            ap.error(f"--evaluate-only: no earlier run in {bench} (run without it first)")
-        out = json.loads((bench / "results.json").read_text())
-        evaluate_arms(out, {"offline": bench / "offline", "on_policy": bench / "onpolicy"}, workdir, args)
-        return out
     spec_b = with_training(spec, epochs=epochs, on_policy=op, onnx_export=False, agreement_every=0)
     print(f"arm B: {epochs} offline epoch(s) + on-policy {op}", flush=True)
     dir_b, metrics_b, seconds_b, per_step = train_arm(spec_b, traces, bench / "onpolicy")
@@ -147,12 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     out["steps"] = {"offline": steps_a, "on_policy": offline_steps + onp.get("steps", 0)}
     for arm, seconds in (("offline", seconds_a), ("on_policy", seconds_b)):
         out[arm] = {"train_seconds": round(seconds, 1)}
-    evaluate_arms(out, {"offline": dir_a, "on_policy": dir_b}, workdir, args)
+    evaluate_arms(out, bench, {"offline": dir_a, "on_policy": dir_b}, workdir, args)
     return out
 
 
-def evaluate_arms(out: dict, folders: dict[str, Path], workdir: Path, args) -> None:
-    """Each arm's student on the test split and the fresh world into ``out``; print; write results.json."""
+def evaluate_arms(out: dict, bench: Path, folders: dict[str, Path], workdir: Path, args) -> None:
+    """Each arm's student on the test split and the fresh world into ``out``; print; write
+    ``bench``/results.json."""
     from distillery.demo.fidelity import run_eval
 
     for arm, folder in folders.items():
@@ -160,13 +161,14 @@ def evaluate_arms(out: dict, folders: dict[str, Path], workdir: Path, args) -> N
         fresh = run_eval(str(folder), "test", workdir=workdir, preset=args.preset, seed=args.seed)
         out[arm] |= {"test": figures(test), f"seed{args.seed}": figures(fresh)}
     print_summary(out, args.seed)
-    bench = Path(folders["offline"]).parent
     tmp = bench / "results.json.tmp"
     tmp.write_text(json.dumps(out, indent=2, default=float))
     tmp.replace(bench / "results.json")
 
 
 def print_summary(out: dict, seed: int) -> None:
+    from distillery.students.evaluation.fidelity import who_is_right_sentence
+
     a, b = out["offline"], out["on_policy"]
     s = out["on_policy_summary"]
     print(f"\nteacher calls in the on-policy phase: {out['teacher_calls']} ({out['teacher_seconds']:.1f} s); "
@@ -184,12 +186,8 @@ def print_summary(out: dict, seed: int) -> None:
             print(f"{split:>10} agreement[{t}]{'':<{17 - len(t)}} offline {fa['agreement_by_type'].get(t)}  "
                   f"on-policy {fb['agreement_by_type'][t]}")
         for arm, f in (("offline", fa), ("on-policy", fb)):
-            w = f.get("who_is_right")
-            if w:
-                print(f"{split:>10} {arm}: {w['differ']} of {w['n']} answers differ from the teacher's: the truth "
-                      f"sides with the student on {w['student_right']}, the teacher on {w['teacher_right']}, "
-                      f"neither on {w['both_wrong']}; agreement where the teacher is right "
-                      f"{w['agreement_where_teacher_right']:.3f}")
+            if f.get("who_is_right"):
+                print(f"{split:>10} {arm}: {who_is_right_sentence(f['who_is_right'])}")
 
 
 if __name__ == "__main__":

@@ -289,10 +289,14 @@ def print_table(report: dict[str, Any], title: str = "student evaluation") -> No
             t.add_row(qtype, *[f"{row[c]:.3f}" if c in row else "" for c in cols], str(row["n"]))
         console.print(t)
     for node, w in report.get("who_is_right", {}).items():
-        console.print(f"{node}: {w['differ']} of {w['n']} answers differ from the teacher's; the truth sides with "
-                      f"the student on {w['student_right']}, the teacher on {w['teacher_right']}, neither on "
-                      f"{w['both_wrong']}; agreement where the teacher is right "
-                      f"{w['agreement_where_teacher_right']:.3f}")
+        console.print(f"{node}: {who_is_right_sentence(w)}")
+
+
+def who_is_right_sentence(w: dict[str, Any]) -> str:
+    """``who_is_right``'s figures in one sentence."""
+    return (f"{w['differ']} of {w['n']} answers differ from the teacher's; the truth sides with the student on "
+            f"{w['student_right']}, the teacher on {w['teacher_right']}, neither on {w['both_wrong']}; agreement "
+            f"where the teacher is right {w['agreement_where_teacher_right']:.3f}")
 
 
 def bar_chart(report: dict[str, Any]):
