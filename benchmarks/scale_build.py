@@ -261,6 +261,7 @@ def build_student(work: Path, size: Size, graph) -> Path:
     the runtime's ``auto`` serves)."""
     from distillery.students.model.schema import build_schema
     from distillery.students.model.student import MultimodalStudent
+    from distillery.students.serving.graphs import FORMAT
     from distillery.teachers.record import record
     from distillery.teachers.store import TraceStore
 
@@ -268,7 +269,7 @@ def build_student(work: Path, size: Size, graph) -> Path:
     spec = make_spec(work, size)
     key = size.key(*LLM_FIELDS, "imgsz", "documents") + hashlib.sha256(
         json.dumps([spec.student.model_dump(mode="json"), spec.teachers["detector"].model_dump(mode="json")],
-                   sort_keys=True).encode()).hexdigest()[:12] + "-int8"
+                   sort_keys=True).encode()).hexdigest()[:12] + f"-int8-graphs{FORMAT}"
     if _done(out, key):
         return out
     inputs = build_inputs(work / "record-inputs", size.records, seed=1)

@@ -144,8 +144,12 @@ def alternate(sides: list[Side], pairs: list, batch: int, rounds: int, batch_rou
     """Time every side in alternating rounds (the order reversed every other round, so a drift in
     the machine's speed hits every side alike): batch 1 in ``rounds`` rounds, each side answering
     ``b1_requests`` requests alone (the next inputs in turn); then batch ``batch`` in
-    ``batch_rounds`` rounds, one batch a side. One untimed request per side first. Returns each
-    round's seconds per batch-1 request by side name (for the paired ratios)."""
+    ``batch_rounds`` rounds, one batch a side. One untimed request per side first, and one untimed
+    batch before the batch rounds: a side's first batch pays one-off costs (ONNX Runtime's
+    arena and torch's allocator growing to the batch's tensors: 55 CPU-ms a request in the
+    student's first batch of 16 at 640 px against 42 in the next ones), which a single timed
+    round would otherwise charge to its cost. Returns each round's seconds per batch-1 request
+    by side name (for the paired ratios)."""
     from distillery.students.evaluation.efficiency import take
 
     for side in sides:  # warm-up: lazy init, caches, allocator
@@ -168,6 +172,9 @@ def alternate(sides: list[Side], pairs: list, batch: int, rounds: int, batch_rou
         cursor += 1
         per_round.append(this)
     items = take(pairs, batch)
+    for side in sides:  # warm-up at the batch size (untimed)
+        side.run(items)
+        log(f"  warm-up batch {batch}: {side.name}")
     for r in range(max(1, batch_rounds)):
         for side in (sides if r % 2 == 0 else sides[::-1]):
             wall, cpu = _timed(side, items)

@@ -39,14 +39,16 @@ def all_requests(records):
 
 
 def assert_agree(got: dict, want: dict) -> None:
-    """What a user relies on: the answer, the labels, the top document, boxes within BOX_ATOL
-    (the documents after the first can swap where int8 rounding meets near-ties: 0.00096 each)."""
+    """What a user relies on: the answer, the labels, the top document, each box within BOX_ATOL
+    of a box of its label (the documents after the first can swap where int8 rounding meets
+    near-ties, 0.00096 apart; so can the order of two detections with near-equal scores)."""
     assert got["answer"] == want["answer"] and got["reasoner"] == want["reasoner"]
     assert got["retriever"]["ids"][:1] == want["retriever"]["ids"][:1]
     g, w = got["detector"], want["detector"]
-    assert g["labels"] == w["labels"] and g["summary"] == w["summary"]
-    if w["boxes"]:
-        np.testing.assert_allclose(g["boxes"], w["boxes"], atol=BOX_ATOL, rtol=0)
+    assert sorted(g["labels"]) == sorted(w["labels"]) and g["summary"] == w["summary"]
+    for box, label in zip(g["boxes"], g["labels"]):
+        nearest = min(float(np.abs(np.subtract(box, o)).max()) for o, lb in zip(w["boxes"], w["labels"]) if lb == label)
+        assert nearest <= BOX_ATOL, (label, box, w["boxes"])
 
 
 def test_runtime_answers_as_the_torch_student(folder):

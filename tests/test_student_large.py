@@ -81,3 +81,33 @@ def test_slots_carry_the_large_counts():
     assert a.shape == (1, 6, cfg.d_model) and head.prefix_len() == 6  # a count slot and a large slot per class
     assert torch.equal(a[:, :3], head.slots(counts, build_tokenizer(), embed))  # the count slots as without sizes
     assert not torch.allclose(a[0, 3], b[0, 3]) and torch.equal(a[0, 4:], b[0, 4:])  # only class a's large slot moves
+
+
+def test_the_runtimes_numpy_counts_equal_the_torch_heads():
+    """``arrays.detection_counts`` (what the torch-free runtime feeds the ONNX text graph) gives
+    the torch head's own counts and large counts exactly: random heads, saturated and tied scores,
+    and max_det below the number of peaks (only the strongest count as large; where scores tie at
+    that boundary, which of them count is torch's topk's choice)."""
+    from distillery.students.model.arrays import detection_counts
+
+    cfg = tiny_config()
+    for seed in range(4):
+        for max_det in (100, 3):
+            head = DetectionHead("detector", {**NODE, "max_det": max_det}, cfg)
+            out = _outputs(head, cfg, seed)
+            if max_det > 5:  # saturated: probability 1.0 for different logits (tied scores; which of
+                out["cls"][0, :5] = 30.0  # them are the strongest max_det is torch's topk's choice)
+            scores, _, _ = head.peak_scores(out["cls"])
+            head.large_area = float(head.mask_areas(out)[scores > 0.25].median())
+            with torch.no_grad():
+                want = head.prefix_inputs(out, None)
+            got = detection_counts({k: v.numpy() for k, v in out.items()}, cfg.image_size // 8, 0.25, max_det,
+                                   3, head.large_area)
+            assert sorted(got) == sorted(want) == ["counts", "large"]
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k].numpy(), err_msg=f"seed {seed}, max_det {max_det}, {k}")
+            assert want["large"].sum() > 0 and want["counts"].sum() > want["large"].sum()
+    # given counts are taken as they are (the ONNX text graph's inputs)
+    given = {"counts": torch.tensor([[1.0, 2.0, 3.0]]), "large": torch.tensor([[0.0, 1.0, 0.0]])}
+    assert head.prefix_inputs(given, None) is not given and torch.equal(head.prefix_inputs(given, None)["counts"],
+                                                                        given["counts"])

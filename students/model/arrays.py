@@ -7,6 +7,7 @@ What both ways of running a student share, so each rule is written once: the tor
 * ``image_array``: an RGB image -> (3, S, S) uint8, as the student sees it;
 * ``detections``: heatmap peaks (3 x 3 local maxima, CenterNet) above the confidence threshold,
   class-aware NMS as a safety net, masks at the original image size as COCO RLE;
+* ``detection_counts``: what the text decoder reads of them (counts per class, large ones);
 * ``documents``: the top-k documents and the student's probability for each.
 """
 
@@ -72,6 +73,47 @@ def peaks(cls_logits: np.ndarray, n: int, conf: float) -> tuple[np.ndarray, np.n
     first = np.ones(len(loc), bool)
     first[1:] = loc[1:] != loc[:-1]
     return loc[first], cls[first], own[first]
+
+
+def mask_areas(coef: np.ndarray, boxes: np.ndarray, protos: np.ndarray) -> np.ndarray:
+    """The share of the image each instance mask covers (logit > 0 inside its own box, on the
+    prototypes' grid), as ``DetectionHead.mask_areas``: coef (N, M), boxes (N, 4) normalized
+    xyxy, protos (M, q, q) -> (N,) float32."""
+    n, (m, q) = len(coef), protos.shape[:2]
+    if n == 0:
+        return np.zeros(0, np.float32)
+    centers = (np.arange(q, dtype=np.float32) + 0.5) / q  # the prototype cells' centres
+    fg = (np.asarray(coef, np.float32) @ np.asarray(protos, np.float32).reshape(m, -1) > 0).reshape(n, q, q)
+    b = np.asarray(boxes, np.float32)[:, :, None]  # (N, 4, 1)
+    in_x = (centers >= b[:, 0]) & (centers <= b[:, 2])  # (N, q)
+    in_y = (centers >= b[:, 1]) & (centers <= b[:, 3])
+    hits = (fg & in_y[:, :, None] & in_x[:, None, :]).sum((1, 2))
+    return hits.astype(np.float32) / np.float32(q * q)  # float32, as the torch head's mean
+
+
+def detection_counts(out: Mapping[str, np.ndarray], grid: int, conf: float, max_det: int, num_classes: int,
+                     large_area: float | None = None) -> dict[str, np.ndarray]:
+    """What the decoder reads of a batch's detections (``DetectionHead.prefix_inputs`` at
+    inference): ``counts`` (B, C) float32, the peaks above ``conf`` per class; with ``large_area``
+    also ``large`` (B, C): among the ``max_det`` strongest of them, those whose mask covers at
+    least that share of the image. ``out``: the head's batched outputs (``cls`` (B, P, C); for
+    ``large``, ``boxes`` (B, P, 4), ``coef`` (B, P, M), ``protos`` (B, M, q, q)).
+
+    Only the few peaks above the threshold are looked at (``peaks``), where the ONNX graph would
+    max-pool every class map: at 640 px, 80 classes and batch 16 that was half the text graph's
+    time (ONNX Runtime's profile of ``benchmarks/scale.py``'s student)."""
+    cls = np.asarray(out["cls"], np.float32)
+    counts = np.zeros((len(cls), num_classes), np.float32)
+    large = np.zeros_like(counts) if large_area is not None else None
+    for b in range(len(cls)):
+        loc, c, score = peaks(cls[b], grid, conf)
+        counts[b] = np.bincount(c, minlength=num_classes)[:num_classes]
+        if large is None or not len(loc) or "coef" not in out:
+            continue  # (a head without masks sees no large object, as the torch head)
+        top = np.argsort(-score, kind="stable")[:max_det]  # the strongest peaks, as torch's topk
+        area = mask_areas(out["coef"][b][loc[top]], out["boxes"][b][loc[top]], out["protos"][b])
+        large[b] = np.bincount(c[top][area >= large_area], minlength=num_classes)[:num_classes]
+    return {"counts": counts} if large is None else {"counts": counts, "large": large}
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:

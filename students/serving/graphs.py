@@ -37,7 +37,8 @@ VISION, TEXT, STEP = "vision.onnx", "text.onnx", "step.onnx"
 VISION_INT8, TEXT_INT8 = "vision-int8.onnx", "text-int8.onnx"
 ORT_DIR = "ort"  # inside ONNX_DIR
 ORT_OPERATORS = "required_operators.config"
-FORMAT = 2  # 2: vision / text / step graphs (1, one encoder graph, is treated as stale)
+FORMAT = 3  # 3: the text graph takes the detector's counts (computed on numpy), not its raw outputs;
+# 2: vision / text / step graphs; 1: one encoder graph. An older layout is treated as stale.
 GRAPH_SETS = ("auto", "int8", "float", "ort")  # which graphs a runtime runs
 # The node types whose outputs the runtime decodes without torch (students/model/arrays.py).
 RUNTIME_NODE_TYPES = ("yolo", "rag", "llm", "openai")

@@ -44,7 +44,7 @@ from distillery.students.model.config import StudentConfig
 from distillery.students.serving.graphs import (FORMAT, META_FILE, ONNX_DIR, STEP, TEXT, TEXT_INT8,  # noqa: F401
                                                 VISION, VISION_INT8, digest, graph_files, has_int8, read_meta,
                                                 write_ort)
-from distillery.students.serving.runtime import GraphRunner, kv_names
+from distillery.students.serving.runtime import GraphRunner, kv_names, text_feed
 
 OPSET = 17
 # The text graph's int8 operators: the matrix products, and the two big tables: the token
@@ -54,9 +54,12 @@ OPSET = 17
 TEXT_INT8_OPS = ["MatMul", "Gather", "Gemm"]
 # The vision graph's: the convolutions, with ReLU folded into them (a student with
 # ``vision_act: relu``; SiLU stays in float between a dequantize and a quantize: 2x the vision
-# graph's cost at 640 px, batch 16, measured). The residual and FPN additions stay in float: in
-# int8 they cost the tiny test student its agreement with the torch student (12 of 16 answers).
-VISION_INT8_OPS = ["Conv", "Relu"]
+# graph's cost at 640 px, batch 16, measured), and the residual and FPN additions, upsamplings and
+# concatenations, so no dequantize / quantize pair sits between two convolutions. Measured against
+# int8 convolutions alone: the demo's trained student on 200 test requests gives the torch
+# student's answer on 0.985 (vs 0.97), its labels on 0.985 (the same), boxes within 0.0161 (vs
+# 0.0167); benchmarks/scale.py's student at batch 16 takes 27.2 CPU-ms a request (vs 31.8).
+VISION_INT8_OPS = ["Conv", "Relu", "Add", "Resize", "Concat"]
 
 
 def available() -> bool:
@@ -81,20 +84,22 @@ class _Vision(nn.Module):
 
 
 class _Text(nn.Module):
-    """The decoder pass and the text heads, from the question and the vision graph's outputs, and
-    for each answer its first greedy token and the step after it (one graph run less per answer:
-    the short answers of a distilled student are often one token and eos)."""
+    """The decoder pass and the text heads, from the question, the stride-16 features and the
+    conv heads' prefix inputs (``Head.prefix_inputs``: the detector's counts, which the runtime
+    computes on numpy from the vision graph's outputs), and for each answer its first greedy
+    token and the step after it (one graph run less per answer: the short answers of a
+    distilled student are often one token and eos)."""
 
-    def __init__(self, model, conv_keys: list[tuple[str, str]], keys: list[tuple[str, str]], answers: list[dict]):
+    def __init__(self, model, prefix_keys: list[tuple[str, str]], keys: list[tuple[str, str]], answers: list[dict]):
         super().__init__()
-        self.model, self.conv_keys, self.keys, self.answers = model, conv_keys, keys, answers
+        self.model, self.prefix_keys, self.keys, self.answers = model, prefix_keys, keys, answers
 
-    def forward(self, p16: Tensor, question_ids: Tensor, question_mask: Tensor, *conv: Tensor):
+    def forward(self, p16: Tensor, question_ids: Tensor, question_mask: Tensor, *prefix: Tensor):
         from distillery.students.model.heads import Features
 
-        outputs: dict[str, dict[str, Tensor]] = {}
-        for (n, k), t in zip(self.conv_keys, conv):
-            outputs.setdefault(n, {})[k] = t
+        outputs: dict[str, dict[str, Tensor]] = {n: {} for n, h in self.model.heads.items() if not h.reads_text}
+        for (n, k), t in zip(self.prefix_keys, prefix):
+            outputs[n][k] = t
         feats = Features({"p16": p16}, lm_head=self.model.decoder.lm_head)
         state = self.model.encode_text({"question_ids": question_ids, "question_mask": question_mask}, outputs, feats)
         outputs = {n: h(feats) for n, h in self.model.heads.items() if h.reads_text}
@@ -131,10 +136,10 @@ def _names(keys: list[tuple[str, str]]) -> list[str]:
     return [f"{n}.{k}" for n, k in keys]
 
 
-def _text_io(conv_keys: list[tuple[str, str]], keys: list[tuple[str, str]], n_answers: int,
+def _text_io(prefix_keys: list[tuple[str, str]], keys: list[tuple[str, str]], n_answers: int,
              kv: list[str]) -> tuple[list[str], list[str], dict]:
     """The text graph's input and output names and dynamic axes (B: batch, Lq: question, L: cache)."""
-    inputs = ["p16", "question_ids", "question_mask"] + _names(conv_keys)
+    inputs = ["p16", "question_ids", "question_mask"] + _names(prefix_keys)
     names = _names(keys) + ["n_q"]
     axes: dict[str, dict[int, str]] = {"question_ids": {0: "B", 1: "Lq"}, "question_mask": {0: "B", 1: "Lq"}}
     for j in range(n_answers):
@@ -174,16 +179,19 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
         conv, feats = model.encode_vision(batch)
         state = model.encode_text(batch, conv, feats)
         text = {n: h(feats) for n, h in model.heads.items() if h.reads_text}
+        given = {n: model.heads[n].prefix_inputs(conv[n], None) for n in conv}
     conv_keys = [(n, k) for n in conv for k in sorted(conv[n])]
+    prefix_keys = [(n, k) for n in conv for k in model.heads[n].prefix_input_keys()]
+    prefix = {n: model.heads[n].prefix_numpy() for n in conv if model.heads[n].prefix_input_keys()}
     keys = [(n, k) for n in text for k in sorted(text[n])]
     answers = [{"node": s.name.split("/")[0], "index": i, "length": int(s.embeds.shape[1])}
                for i, s in enumerate(state["segments"], start=1) if model.heads[s.name.split("/")[0]].generative]
     kv = kv_names(len(model.decoder.blocks))
     vision_out = _names(conv_keys) + ["p16"]
-    text_in, text_out, text_axes = _text_io(conv_keys, keys, len(answers), kv)
+    text_in, text_out, text_axes = _text_io(prefix_keys, keys, len(answers), kv)
     step_in, step_out, step_axes = _step_io(kv)
     B = batch["images"].shape[0]
-    text_args = (feats.maps["p16"], batch["question_ids"], batch["question_mask"], *[conv[n][k] for n, k in conv_keys])
+    text_args = (feats.maps["p16"], batch["question_ids"], batch["question_mask"], *[given[n][k] for n, k in prefix_keys])
     step_args = (torch.zeros(B, dtype=torch.long), state["n_q"] + 1, torch.ones(B, 1, dtype=torch.long),
                  state["cache"]["seg"], state["cache"]["valid"], *[t for p in state["cache"]["kv"] for t in p])
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=model_dir))
@@ -193,16 +201,17 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
             torch.onnx.export(_Vision(model, conv_keys).eval(), (batch["images"],), str(tmp / VISION),
                               input_names=["images"], output_names=vision_out,
                               dynamic_axes={o: {0: "B"} for o in ["images"] + vision_out}, opset_version=OPSET, dynamo=False)
-            torch.onnx.export(_Text(model, conv_keys, keys, answers).eval(), text_args, str(tmp / TEXT),
+            torch.onnx.export(_Text(model, prefix_keys, keys, answers).eval(), text_args, str(tmp / TEXT),
                               input_names=text_in, output_names=text_out, dynamic_axes=text_axes,
                               opset_version=OPSET, dynamo=False)
             torch.onnx.export(_Step(model).eval(), step_args, str(tmp / STEP), input_names=step_in,
                               output_names=step_out, dynamic_axes=step_axes, opset_version=OPSET, dynamo=False)
         meta = {"format": FORMAT, "digest": digest(model_dir), "vision_outputs": [list(k) for k in conv_keys],
+                "text_inputs": [list(k) for k in prefix_keys], "prefix": prefix,
                 "outputs": [list(k) for k in keys], "answers": answers, "n_layers": len(model.decoder.blocks),
                 "opset": OPSET, "torch": torch.__version__}
         if calibration:
-            meta["int8"] = quantize(tmp, model, calibration)
+            meta["int8"] = quantize(tmp, model, calibration, meta)
             meta["ort"] = write_ort(tmp, meta)  # the int8 graphs for ONNX Runtime Mobile
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         dst = model_dir / ONNX_DIR
@@ -217,7 +226,7 @@ def export_onnx(model_dir: str | Path, calibration: list[dict] | None = None) ->
     return dst
 
 
-def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
+def quantize(onnx_dir: Path, model, calibration: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
     """The int8 graphs (ONNX Runtime static quantization: per-channel int8 weights, uint8
     activations whose ranges are calibrated on ``calibration``, bad inputs skipped):
 
@@ -247,11 +256,12 @@ def quantize(onnx_dir: Path, model, calibration: list[dict]) -> dict[str, Any]:
     if not batches:
         raise ValueError("quantize: no usable calibration input")
     vision = ort.InferenceSession(str(onnx_dir / VISION), providers=["CPUExecutionProvider"])
-    conv_names = [o.name for o in vision.get_outputs()]  # (the conv heads' outputs, then p16)
+    text_names = {i.name for i in ort.InferenceSession(str(onnx_dir / TEXT), providers=["CPUExecutionProvider"])
+                  .get_inputs()}
     text_feeds = []
-    for b in batches:
-        out = dict(zip(conv_names, vision.run(None, {"images": b["images"]})))
-        text_feeds.append({"question_ids": b["question_ids"], "question_mask": b["question_mask"], **out})
+    for b in batches:  # the text graph's inputs as the runtime makes them
+        feed, _ = text_feed(meta, vision.run(None, {"images": b["images"]}), b["question_ids"], b["question_mask"])
+        text_feeds.append({k: v for k, v in feed.items() if k in text_names})
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: list[dict]):

@@ -29,12 +29,36 @@ from typing import Any
 import numpy as np
 
 from distillery.images import read_image
-from distillery.students.model.arrays import detection_thresholds, detections, documents, image_array
+from distillery.students.model.arrays import (detection_counts, detection_thresholds, detections, documents,
+                                             image_array)
 from distillery.students.serving.graphs import (GRAPH_SETS, ONNX_DIR, RUNTIME_NODE_TYPES, graph_files,  # noqa: F401
                                                 read_meta)
 from distillery.text import parse_output
 
 TEXT_NODE_TYPES = ("llm", "openai")  # generative: their answer is decoded from the [answer] task
+
+
+# How the runtime computes a text graph input that a conv head's outputs give (the export's
+# ``meta["prefix"]``: node -> kind and arguments), on numpy beside the graphs.
+PREFIX_KINDS = {"detection_counts": detection_counts}
+
+
+def text_feed(meta: dict[str, Any], vis: list[np.ndarray], question_ids: np.ndarray,
+              question_mask: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """The text graph's inputs from the vision graph's outputs ``vis`` and the question (the
+    conv heads' prefix inputs computed on numpy, ``PREFIX_KINDS``), and the conv heads' raw
+    outputs by node."""
+    raw: dict[str, dict[str, Any]] = {}
+    for (node, key), value in zip(meta["vision_outputs"], vis):
+        raw.setdefault(node, {})[key] = value
+    feed = {"p16": vis[-1], "question_ids": question_ids, "question_mask": question_mask}
+    for node, spec in meta.get("prefix", {}).items():
+        args = {k: v for k, v in spec.items() if k != "kind"}
+        if spec.get("kind") not in PREFIX_KINDS:
+            raise ValueError(f"ONNX graphs: node {node!r}'s text inputs are of kind {spec.get('kind')!r}, which this "
+                             f"runtime does not compute (it knows {', '.join(PREFIX_KINDS)})")
+        feed |= {f"{node}.{k}": v for k, v in PREFIX_KINDS[spec["kind"]](raw[node], **args).items()}
+    return feed, raw
 
 
 def kv_names(n_layers: int) -> list[str]:
@@ -85,7 +109,6 @@ class GraphRunner:
         self.text = self._session(files["text"], threads or 1)
         self._text_inputs = {i.name for i in self.text.get_inputs()}  # the exporter drops inputs never read
         self._step = None
-        self.conv_keys = [tuple(k) for k in meta["vision_outputs"]]
         self.keys = [tuple(k) for k in meta["outputs"]]
         self.kv = kv_names(int(meta["n_layers"]))
         self._pool = None
@@ -124,12 +147,8 @@ class GraphRunner:
         """(raw outputs of every head, ``on_conv(conv_raw)``'s result or None); generative heads'
         outputs carry ``answer_ids`` (one token-id list per input, eos cut)."""
         vis = self.vision.run(None, {"images": batch["images"]})
-        feed = {"p16": vis[-1], "question_ids": batch["question_ids"], "question_mask": batch["question_mask"],
-                **{f"{n}.{k}": v for (n, k), v in zip(self.conv_keys, vis)}}
+        feed, raw = text_feed(self.meta, vis, batch["question_ids"], batch["question_mask"])
         feed = {k: v for k, v in feed.items() if k in self._text_inputs}
-        raw: dict[str, dict[str, Any]] = {}
-        for (node, key), value in zip(self.conv_keys, vis):
-            raw.setdefault(node, {})[key] = value
         done = None
         if on_conv is None:
             out = self.text.run(None, feed)

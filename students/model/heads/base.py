@@ -147,6 +147,21 @@ class Head(nn.Module):
         """Embeddings (B, L, d) and validity (B, L) this head puts before the question, or None."""
         return None
 
+    def prefix_input_keys(self) -> tuple[str, ...]:
+        """The keys of ``prefix_inputs``."""
+        return ()
+
+    def prefix_inputs(self, out: dict[str, Tensor], target: dict | None) -> dict[str, Tensor]:
+        """The small tensors ``prefix_embeds`` is made from (a conv head's: computed from its
+        outputs; taken as they are where ``out`` has them). The ONNX text graph takes these as its
+        inputs, and the runtime computes them on numpy (``students/model/arrays.py``)."""
+        return {}
+
+    def prefix_numpy(self) -> dict[str, Any] | None:
+        """How the runtime computes ``prefix_inputs`` on numpy: a kind it knows
+        (``runtime.PREFIX_KINDS``) and its arguments."""
+        return None
+
     def forward(self, feats: Features) -> dict[str, Tensor]:
         raise NotImplementedError
 

@@ -218,13 +218,18 @@ class DetectionHead(Head):
         slots = self.num_classes * (1 if self.large_area is None else 2)
         return slots if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
 
-    def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
-                      embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
-        """What the text decoder reads of the detections (``detection_summary``): per-class slots,
-        or the summary text, from the teacher's counts in training and the head's own at inference."""
-        mode = self.cfg.detection_summary
-        if mode == "none":
-            return None
+    # The counts the decoder reads, as the ONNX text graph takes them (computed beside it on numpy
+    # by ``arrays.prefix_counts``: dense peaks over 80 class maps at 640 px were half the text
+    # graph's time at batch 16).
+    COUNT_KEYS = ("counts", "large")
+
+    def prefix_inputs(self, out: dict[str, Tensor], target: dict | None) -> dict[str, Tensor]:
+        """What the decoder reads of the detections before they become tokens: ``counts`` (B, C)
+        per class, and ``large`` (B, C) where the node has ``large_area``; the teacher's in
+        training, the head's own at inference. Given in ``out`` (the ONNX text graph's inputs),
+        they are taken as they are."""
+        if all(k in out for k in self.prefix_input_keys()):
+            return {k: out[k] for k in self.prefix_input_keys()}
         memo: list = []  # the peaks once for both counts (one max-pool over the class maps, not two)
 
         def peaks() -> tuple[Tensor, Tensor, Tensor]:
@@ -232,8 +237,33 @@ class DetectionHead(Head):
                 memo.append(self.peak_scores(out["cls"]))
             return memo[0]
 
-        counts = self.counts(out, target, peaks).round()  # (B, C)
-        large = self.large_counts(out, target, peaks).round() if self.large_area is not None else None  # (B, C)
+        res = {"counts": self.counts(out, target, peaks).round()}  # (B, C)
+        if self.large_area is not None:
+            res["large"] = self.large_counts(out, target, peaks).round()  # (B, C)
+        return res
+
+    def prefix_input_keys(self) -> tuple[str, ...]:
+        """The keys of ``prefix_inputs`` (none when the decoder reads no detections)."""
+        if self.cfg.detection_summary == "none":
+            return ()
+        return self.COUNT_KEYS if self.large_area is not None else self.COUNT_KEYS[:1]
+
+    def prefix_numpy(self) -> dict[str, Any]:
+        """How the runtime computes ``prefix_inputs`` at inference (``arrays.detection_counts``'s
+        arguments; the ONNX export's ``meta["prefix"]``)."""
+        conf, _, max_det = self.thresholds()
+        return {"kind": "detection_counts", "grid": self.cfg.image_size // 8, "conf": conf, "max_det": max_det,
+                "num_classes": self.num_classes, "large_area": self.large_area}
+
+    def prefix_embeds(self, out: dict[str, Tensor], target: dict | None, tokenizer,
+                      embed: nn.Embedding) -> tuple[Tensor, Tensor] | None:
+        """What the text decoder reads of the detections (``detection_summary``): per-class slots,
+        or the summary text, from ``prefix_inputs``."""
+        mode = self.cfg.detection_summary
+        if mode == "none":
+            return None
+        given = self.prefix_inputs(out, target)
+        counts, large = given["counts"], given.get("large")
         if mode == "slots":
             slots = self.slots(counts, tokenizer, embed, large)  # (B, C or 2C, d)
             return slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=counts.device)
