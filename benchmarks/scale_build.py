@@ -57,7 +57,7 @@ class Size:
         return hashlib.sha256(json.dumps({f: d[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-FULL = Size()
+FULL = Size(batch_rounds=3)  # the cost figure: the median of 3 alternating batches a side
 QUICK = Size(documents=10_000, new_tokens=16, rounds=2)
 TINY = Size(documents=200, new_tokens=3, layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=4000,
             imgsz=160, preamble_words=10, records=2, inputs=2, batch=2, rounds=1, hnsw=True)
