@@ -75,9 +75,9 @@ def record_flow(spec: Spec, inputs: str, traces: str) -> dict:
     logger = get_run_logger()
     progress: dict = {}
 
-    def on_plan(p, graph: TeacherGraph) -> None:
-        logger.info("graph %s: %d to record, %d already recorded, %d refused",
-                    graph.fingerprint[:12], len(p.todo), p.skipped, len(p.bad))
+    def on_plan(found: int, recorded: int, graph: TeacherGraph) -> None:
+        logger.info("graph %s: %d inputs found, checked shard by shard (the store holds %d of this graph's "
+                    "records)", graph.fingerprint[:12], found, recorded)
 
     def on_progress(done: int, total: int) -> None:
         share = 100.0 * done / total if total else 100.0

@@ -26,7 +26,8 @@ import json
 import os
 import unicodedata
 import warnings
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,26 +291,70 @@ class InputScan:
     skipped: int  # inputs whose id was in ``skip``: not checked again
 
 
-def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = ()) -> InputScan:
-    """Discover and check every input: the good requests and the quarantined ones, each input
-    id once, in order. An input whose id is in ``skip`` (already recorded) is only counted: its
-    bytes are read and hashed (the id), not decoded and checked again, so a rerun over recorded
-    inputs costs a read per file. An image file several questions ask about is read and decoded
-    once per scan."""
-    scan, seen, good_images = InputScan([], [], 0), set(), {}
-    for found in discover(inputs, cfg):
-        item = found
-        if isinstance(found, Candidate):
-            known = _known_id(found, skip)
+@dataclass
+class ScanCounts:
+    """What a lazy scan (``iter_inputs``) has counted so far besides the items it yields."""
+
+    skipped: int = 0  # inputs whose id was in ``skip``: not checked again
+    seen: int = 0  # candidates looked at (yielded, skipped, or a duplicate of an earlier one)
+
+
+class RecentImages(OrderedDict):
+    """The image files most recently read and decoded in a scan, by path (least recently used
+    dropped past ``size``): the questions about one image, which request files list together,
+    share one read, one decode and one copy of its bytes, while the memory a scan holds stays
+    bounded however many inputs it covers."""
+
+    def __init__(self, size: int = 64):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+def iter_inputs(found: Iterable[Candidate | Quarantined], cfg: InputsConfig, skip: Collection[str] = (),
+                counts: ScanCounts | None = None) -> Iterator[Request | Quarantined]:
+    """Check ``found`` (``discover``'s list) one input at a time, as it is consumed: each good
+    request and each quarantined input once (by id), in order. An input whose id is in ``skip``
+    (already recorded) is only counted (``counts.skipped``): its bytes are read and hashed (the
+    id), not decoded and checked again, so a rerun over recorded inputs costs a read per file.
+    Nothing but the ids seen and a few recent images is kept, so a run over millions of inputs
+    holds no more than the shards it is working on."""
+    counts = counts if counts is not None else ScanCounts()
+    seen: set[str] = set()
+    recent = RecentImages()
+    for item in found:
+        counts.seen += 1
+        if isinstance(item, Candidate):
+            known = _known_id(item, skip)
             if known is not None:
-                scan.skipped += known not in seen
+                counts.skipped += known not in seen
                 seen.add(known)
                 continue
-            item = check_input(found.image_path, found.question, cfg, found.where, found.root, good_images)
+            item = check_input(item.image_path, item.question, cfg, item.where, item.root, recent)
         if item.input_id in seen:
             continue
         seen.add(item.input_id)
+        yield item
+
+
+def scan_inputs(inputs: str | Path, cfg: InputsConfig, skip: Collection[str] = ()) -> InputScan:
+    """Discover and check every input at once (``iter_inputs`` over ``discover``): the good
+    requests and the quarantined ones, each input id once, in order."""
+    scan, counts = InputScan([], [], 0), ScanCounts()
+    for item in iter_inputs(discover(inputs, cfg), cfg, skip, counts):
         (scan.requests if isinstance(item, Request) else scan.quarantined).append(item)
+    scan.skipped = counts.skipped
     return scan
 
 

@@ -4,9 +4,10 @@ Plain functions, no Prefect: ``record`` is the one record loop; ``flows/record.p
 with one Prefect task per (node, shard), never per input (its ``shard_runner``), and its progress
 artifact (``on_progress``); tests and the benchmark's direct baseline call it as is.
 
-Order of work: validate inputs -> skip those already recorded for this graph fingerprint ->
-quarantine bad inputs -> per shard: each node in topological order over the shard -> assemble
-records -> one atomic commit per shard (so a crash loses at most the shards in flight).
+Order of work: find the inputs -> per shard, as the loop needs it: validate its inputs, skip those
+already recorded for this graph fingerprint, set the bad ones aside -> each node in topological
+order over the shard -> assemble records -> one atomic commit per shard, with the inputs refused
+since the last one (so a crash loses at most the shards in flight, and a run holds only those).
 
 Where the nodes run is the shard runner's business (``RecordConfig.runner``: this process, or Dask
 workers through ``flows/runners.py``); the commits always happen here, in the caller's thread, one
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distillery.teachers.base import NodeConfig
 from distillery.teachers.graph import NodeResult, TeacherGraph
-from distillery.teachers.inputs import InputsConfig, scan_inputs
+from distillery.teachers.inputs import InputsConfig, ScanCounts, discover, iter_inputs, scan_inputs
 from distillery.teachers.records import Quarantined, Request, TeacherRecord
 from distillery.teachers.store import TraceStore
 
@@ -138,7 +139,8 @@ def quarantine_record(q: Quarantined, fingerprint: str) -> TeacherRecord:
 
 
 def plan(spec: RecordSpec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
-    """Validate every input and drop the ones this graph has already recorded."""
+    """Validate every input at once and drop the ones this graph has already recorded (the
+    benchmarks' view of a run's work; ``record`` checks the inputs shard by shard instead)."""
     done = store.recorded_ids(fingerprint)
     scan = scan_inputs(inputs, spec.inputs, skip=done)  # recorded inputs are not checked again
     requests, bad = scan.requests, scan.quarantined
@@ -259,34 +261,59 @@ def as_completed(fn: Callable[[T], R], items: Iterable[T], in_flight: int = 1) -
 
 def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | None = None,
            on_progress: Callable[[int, int], None] | None = None, shard_runner: ShardRunner | None = None,
-           on_plan: Callable[[Plan, TeacherGraph], None] | None = None, in_flight: int = 1,
+           on_plan: Callable[[int, int, TeacherGraph], None] | None = None, in_flight: int = 1,
            remote: RemoteShard | None = None) -> RecordSummary:
     """Record every input of ``inputs`` not yet recorded in ``traces`` under this graph: the one
     record loop (the record flow drives it with Prefect tasks; tests and benchmarks call it as is).
 
-    Validate -> skip recorded -> store the refused ones -> per shard: every node in topological
-    order, then one atomic commit. ``on_plan(plan, graph)`` once the work is known;
-    ``on_progress(done, total)`` with (0, total) first, then after each committed shard;
+    Find the inputs (names and questions: nothing read yet) -> per shard, as it is needed: check
+    each input, skip those recorded, set the refused ones aside -> every node in topological order
+    -> one atomic commit (the shard's records and the inputs refused since the last commit). So
+    the first shard starts after its own inputs are checked, not everyone's, the inputs of the
+    next shards are checked while the shards in flight run, and a run holds the shards in flight,
+    never the whole input set. ``on_plan(found, recorded, graph)`` once the inputs are found (and
+    how many records of this graph the store holds); ``on_progress(done, total)`` with (0, total)
+    first, then after each commit (inputs done: recorded, refused or skipped, out of those found);
     ``shard_runner(graph, shard_no)`` how a shard's nodes run (default: ``graph.run_node``).
     ``in_flight``: shards run at once (threads of this process waiting on the shard runner);
     ``remote(graph, shard_no, requests)``: runs a whole shard in another process (a Dask worker), which
     loads the models, decodes the images and runs ``run_shard`` itself, and returns the shard's
     records (nothing is loaded here). Wherever the nodes run, every commit is made here, in this
-    thread, one shard at a time, in the order the shards finish."""
+    thread, one at a time, in the order the shards finish."""
     t0 = time.perf_counter()
     graph = graph or TeacherGraph(spec.teachers)
     store = TraceStore(traces)
-    p = plan(spec, inputs, store, graph.fingerprint)
-    summary = RecordSummary(skipped=p.skipped, traces=str(traces), fingerprint=graph.fingerprint)
+    recorded = store.recorded_ids(graph.fingerprint)
+    found = discover(inputs, spec.inputs)
+    summary = RecordSummary(traces=str(traces), fingerprint=graph.fingerprint)
     if on_plan:
-        on_plan(p, graph)
-    if p.bad:
-        store.append(p.bad)
-        summarize(summary, p.bad)
+        on_plan(len(found), len(recorded), graph)
     if on_progress:
-        on_progress(0, len(p.todo))
-    if p.todo and not remote:
-        graph.load()
+        on_progress(0, len(found))
+    counts, refused, flow = ScanCounts(), [], {"sent": 0, "committed": 0}
+
+    def work() -> Iterator[tuple[int, list[Request]]]:
+        """The shards, each checked as the record loop asks for it (in this thread)."""
+        shard: list[Request] = []
+        no = 0
+        for item in iter_inputs(found, spec.inputs, recorded, counts):
+            if item.input_id in recorded:
+                counts.skipped += 1
+            elif isinstance(item, Quarantined):
+                refused.append(quarantine_record(item, graph.fingerprint))
+            else:
+                shard.append(item)
+            if len(shard) == spec.record.shard_size:
+                yield ready(no, shard)
+                no, shard = no + 1, []
+        if shard:
+            yield ready(no, shard)
+
+    def ready(no: int, shard: list[Request]) -> tuple[int, list[Request]]:
+        if not remote and not flow["sent"]:
+            graph.load()
+        flow["sent"] += len(shard)
+        return no, shard
 
     def run(numbered: tuple[int, list[Request]]) -> tuple[list[Request], list[TeacherRecord]]:
         no, shard = numbered
@@ -294,13 +321,21 @@ def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | Non
             return shard, remote(graph, no, shard)
         return shard, run_shard(graph, shard, shard_runner(graph, no) if shard_runner else None)
 
-    done = 0
-    for shard, recs in as_completed(run, enumerate(shards(p.todo, spec.record.shard_size)), in_flight):
-        store.append(recs)  # one atomic commit per shard, by this thread only
-        summarize(summary, recs)
-        done += len(shard)
-        if on_progress:
-            on_progress(done, len(p.todo))
+    def commit(recs: list[TeacherRecord]) -> None:
+        batch = refused + recs
+        refused.clear()
+        if batch:
+            store.append(batch)  # one atomic commit, by this thread only
+            summarize(summary, batch)
+        if on_progress:  # every input looked at, less those of the shards still in flight
+            on_progress(counts.seen - (flow["sent"] - flow["committed"]), len(found))
+
+    for shard, recs in as_completed(run, work(), in_flight):
+        flow["committed"] += len(shard)
+        commit(recs)
+    if refused or not flow["sent"]:
+        commit([])  # refused inputs after the last shard (or a run with no shard at all)
+    summary.skipped = counts.skipped
     summary.version = store.version
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -269,3 +269,53 @@ def test_control_characters_in_a_question_are_refused_not_cleaned(tmp_path, ques
     else:
         assert not requests and [q.reason for q in bad] == ["question_control_chars"]
         assert "control character U+" in bad[0].detail and "requests.jsonl line 1" in bad[0].detail
+
+
+def test_a_run_checks_its_inputs_shard_by_shard_and_commits_the_refused_with_the_next(tmp_path, monkeypatch):
+    """``record`` checks the inputs as the shards are needed: the first shard runs once its own
+    inputs (and the refused ones before them) are checked, not all of them; a refused input is
+    committed with the next commit; a rerun skips everything and reports it all done."""
+    from types import SimpleNamespace
+
+    from distillery.teachers import inputs as inputs_mod
+    from distillery.teachers.record import RecordConfig, record
+    from distillery.teachers.records import TeacherRecord
+    from distillery.teachers.store import TraceStore
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"{i}.png").write_bytes(_png(8, 8, seed=i) if i != 2 else b"not an image")
+    spec = SimpleNamespace(teachers={}, inputs=InputsConfig(default_question="q"), record=RecordConfig(shard_size=2))
+    checked, at_shard, progress = [], [], []
+    real_check = inputs_mod.check_input
+    monkeypatch.setattr(inputs_mod, "check_input", lambda path, *a, **k: checked.append(path) or real_check(path, *a, **k))
+
+    def remote(graph, no, requests):
+        at_shard.append((no, len(checked)))
+        return [TeacherRecord(r.input_id, graph.fingerprint, r.image_path, r.question, image_bytes=r.image_bytes)
+                for r in requests]
+
+    graph = SimpleNamespace(fingerprint="fp")
+    summary = record(spec, str(folder), str(tmp_path / "t.lance"), graph=graph, remote=remote,
+                     on_progress=lambda done, total: progress.append((done, total)))
+    assert at_shard == [(0, 2), (1, 5), (2, 7)]  # shard 1 = inputs 3 and 4: 2 was refused on the way
+    assert (summary.written, summary.quarantined, summary.skipped) == (6, 1, 0)
+    assert progress[0] == (0, 7) and progress[-1] == (7, 7) and progress == sorted(progress)
+    rows = list(TraceStore(tmp_path / "t.lance").read(fingerprint="fp"))
+    assert sorted(r.image_path.rsplit("/", 1)[-1] for r in rows) == [f"{i}.png" for i in range(7)]
+    assert [r.status for r in rows if r.image_path.endswith("2.png")] == ["quarantined"]
+    progress.clear()
+    again = record(spec, str(folder), str(tmp_path / "t.lance"), graph=graph, remote=remote,
+                   on_progress=lambda done, total: progress.append((done, total)))
+    assert (again.written, again.quarantined, again.skipped) == (0, 0, 7) and progress[-1] == (7, 7)
+
+
+def test_recent_images_keep_a_bounded_number_of_files():
+    from distillery.teachers.inputs import RecentImages
+
+    recent = RecentImages(size=2)
+    recent["a"], recent["b"] = b"1", b"2"
+    assert recent.get("a") == b"1"  # a is now the most recent
+    recent["c"] = b"3"
+    assert list(recent) == ["a", "c"] and recent.get("b") is None

@@ -261,3 +261,23 @@ def test_distillery_predict_answers_without_torch_prefect_or_mlflow(folder, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout)
     assert got == json.loads(json.dumps(StudentRuntime.load(out).answer(str(image), records[2].question)))
+
+
+def test_text_feed_counts_on_numpy_and_refuses_an_unknown_kind():
+    """The text graph's inputs: the stride-16 features, the question, and the detector's counts
+    computed from the vision graph's outputs; graphs asking for inputs this runtime cannot
+    compute are refused, naming the node."""
+    from distillery.students.serving.runtime import text_feed
+
+    cls = np.full((2, 16, 3), -10.0, np.float32)
+    cls[0, 5, 1] = 4.0  # one peak of class 1 in image 0
+    meta = {"vision_outputs": [["detector", "cls"]],
+            "prefix": {"detector": {"kind": "detection_counts", "grid": 4, "conf": 0.25, "max_det": 10,
+                                    "num_classes": 3, "large_area": None}}}
+    p16, ids, mask = np.zeros((2, 8, 2, 2), np.float32), np.ones((2, 3), np.int64), np.ones((2, 3), bool)
+    feed, raw = text_feed(meta, [cls, p16], ids, mask)
+    assert feed["p16"] is p16 and raw["detector"]["cls"] is cls
+    assert feed["detector.counts"].tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    meta["prefix"]["detector"]["kind"] = "mystery"
+    with pytest.raises(ValueError, match="'detector'.*'mystery'"):
+        text_feed(meta, [cls, p16], ids, mask)
