@@ -219,7 +219,7 @@ class DetectionHead(Head):
         return slots if mode == "slots" else self.cfg.max_summary_tokens if mode == "text" else 0
 
     # The counts the decoder reads, as the ONNX text graph takes them (computed beside it on numpy
-    # by ``arrays.prefix_counts``: dense peaks over 80 class maps at 640 px were half the text
+    # by ``arrays.detection_counts``: dense peaks over 80 class maps at 640 px were half the text
     # graph's time at batch 16).
     COUNT_KEYS = ("counts", "large")
 
