@@ -92,7 +92,7 @@ def mask_areas(coef: np.ndarray, boxes: np.ndarray, protos: np.ndarray) -> np.nd
 
 
 def detection_counts(out: Mapping[str, np.ndarray], grid: int, conf: float, max_det: int, num_classes: int,
-                     large_area: float | None = None) -> dict[str, np.ndarray]:
+                     large_area: float | None = None, found: list | None = None) -> dict[str, np.ndarray]:
     """What the decoder reads of a batch's detections (``DetectionHead.prefix_inputs`` at
     inference): ``counts`` (B, C) float32, the peaks above ``conf`` per class; with ``large_area``
     also ``large`` (B, C): among the ``max_det`` strongest of them, those whose mask covers at
@@ -101,12 +101,13 @@ def detection_counts(out: Mapping[str, np.ndarray], grid: int, conf: float, max_
 
     Only the few peaks above the threshold are looked at (``peaks``), where the ONNX graph would
     max-pool every class map: at 640 px, 80 classes and batch 16 that was half the text graph's
-    time (ONNX Runtime's profile of ``benchmarks/scale.py``'s student)."""
+    time (ONNX Runtime's profile of ``benchmarks/scale.py``'s student). ``found``: each image's
+    ``peaks`` at ``conf`` where the caller has them already."""
     cls = np.asarray(out["cls"], np.float32)
     counts = np.zeros((len(cls), num_classes), np.float32)
     large = np.zeros_like(counts) if large_area is not None else None
     for b in range(len(cls)):
-        loc, c, score = peaks(cls[b], grid, conf)
+        loc, c, score = found[b] if found is not None else peaks(cls[b], grid, conf)
         counts[b] = np.bincount(c, minlength=num_classes)[:num_classes]
         if large is None or not len(loc) or "coef" not in out:
             continue  # (a head without masks sees no large object, as the torch head)
@@ -136,14 +137,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) 
 
 
 def detections(out: Mapping[str, np.ndarray], node: Mapping[str, Any], grid: int, thresholds: tuple[float, float, int],
-               image_size: tuple[int, int]) -> dict[str, Any]:
+               image_size: tuple[int, int], found: tuple | None = None) -> dict[str, Any]:
     """One image's detection head outputs (``cls`` (P, C) logits, ``boxes`` (P, 4) normalized
     xyxy, with masks ``coef`` (P, M) and ``protos`` (M, h, w)) -> the teacher node's output:
     boxes, classes, scores, class_probs, labels, masks (COCO RLE at ``image_size`` (H, W)), summary,
-    count, image_size (and areas with masks)."""
+    count, image_size (and areas with masks). ``found``: the image's ``peaks`` at the confidence
+    threshold where the caller has them already (the runtime, from the counts)."""
     conf, iou, max_det = thresholds
     cls_logits = np.asarray(out["cls"], np.float32)  # (P, C)
-    loc, cls, score = peaks(cls_logits, grid, conf)  # the peaks above conf, by location
+    loc, cls, score = found if found is not None else peaks(cls_logits, grid, conf)  # the peaks above conf
     top = np.argsort(-score, kind="stable")[: max(4 * max_det, 100)]
     loc, cls, score = loc[top], cls[top], score[top]
     boxes = np.clip(np.asarray(out["boxes"], np.float32), 0, 1)

@@ -30,7 +30,7 @@ import numpy as np
 
 from distillery.images import read_image
 from distillery.students.model.arrays import (detection_counts, detection_thresholds, detections, documents,
-                                             image_array)
+                                             image_array, peaks)
 from distillery.students.serving.graphs import (GRAPH_SETS, ONNX_DIR, RUNTIME_NODE_TYPES, graph_files,  # noqa: F401
                                                 read_meta)
 from distillery.text import parse_output
@@ -38,9 +38,16 @@ from distillery.text import parse_output
 TEXT_NODE_TYPES = ("llm", "openai")  # generative: their answer is decoded from the [answer] task
 
 
+def _detection_counts(raw: dict[str, Any], grid: int, conf: float, **kw) -> dict[str, np.ndarray]:
+    """``detection_counts``, leaving each image's peaks in ``raw["peaks"]`` for its detections."""
+    raw["peaks"] = [peaks(c, grid, conf) for c in np.asarray(raw["cls"], np.float32)]
+    return detection_counts(raw, grid, conf, found=raw["peaks"], **kw)
+
+
 # How the runtime computes a text graph input that a conv head's outputs give (the export's
-# ``meta["prefix"]``: node -> kind and arguments), on numpy beside the graphs.
-PREFIX_KINDS = {"detection_counts": detection_counts}
+# ``meta["prefix"]``: node -> kind and arguments), on numpy beside the graphs. Each may leave what
+# it found in the node's raw outputs for the post-processing (the detector's peaks).
+PREFIX_KINDS = {"detection_counts": _detection_counts}
 
 
 def text_feed(meta: dict[str, Any], vis: list[np.ndarray], question_ids: np.ndarray,
@@ -307,7 +314,8 @@ class StudentRuntime:
 
     def _detections(self, name: str, raw: dict[str, np.ndarray], i: int, size: tuple[int, int]) -> dict[str, Any]:
         one = {k: v[i] for k, v in raw.items()}
-        return detections(one, self.schema["nodes"][name], self.cfg["image_size"] // 8, self._thresholds[name], size)
+        return detections(one, self.schema["nodes"][name], self.cfg["image_size"] // 8, self._thresholds[name], size,
+                          found=one.pop("peaks", None))
 
     def decode_answer(self, ids: list[int], node: dict) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
