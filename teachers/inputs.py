@@ -345,6 +345,9 @@ def iter_inputs(found: Iterable[Candidate | Quarantined], cfg: InputsConfig, ski
         if item.input_id in seen:
             continue
         seen.add(item.input_id)
+        if item.input_id in skip:  # (an id only known once checked: a refused input, a bytes question)
+            counts.skipped += 1
+            continue
         yield item
 
 

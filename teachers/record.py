@@ -141,13 +141,9 @@ def quarantine_record(q: Quarantined, fingerprint: str) -> TeacherRecord:
 def plan(spec: RecordSpec, inputs: str, store: TraceStore, fingerprint: str) -> Plan:
     """Validate every input at once and drop the ones this graph has already recorded (the
     benchmarks' view of a run's work; ``record`` checks the inputs shard by shard instead)."""
-    done = store.recorded_ids(fingerprint)
-    scan = scan_inputs(inputs, spec.inputs, skip=done)  # recorded inputs are not checked again
-    requests, bad = scan.requests, scan.quarantined
-    todo = [r for r in requests if r.input_id not in done]
-    fresh_bad = [quarantine_record(q, fingerprint) for q in bad if q.input_id not in done]
-    skipped = scan.skipped + (len(requests) - len(todo)) + (len(bad) - len(fresh_bad))
-    return Plan(todo=todo, bad=fresh_bad, skipped=skipped)
+    scan = scan_inputs(inputs, spec.inputs, skip=store.recorded_ids(fingerprint))
+    return Plan(todo=scan.requests, bad=[quarantine_record(q, fingerprint) for q in scan.quarantined],
+                skipped=scan.skipped)
 
 
 def shards(items: list, size: int) -> Iterator[list]:
@@ -297,9 +293,7 @@ def record(spec: RecordSpec, inputs: str, traces: str, graph: TeacherGraph | Non
         shard: list[Request] = []
         no = 0
         for item in iter_inputs(found, spec.inputs, recorded, counts):
-            if item.input_id in recorded:
-                counts.skipped += 1
-            elif isinstance(item, Quarantined):
+            if isinstance(item, Quarantined):
                 refused.append(quarantine_record(item, graph.fingerprint))
             else:
                 shard.append(item)
